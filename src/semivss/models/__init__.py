@@ -1,0 +1,1 @@
+"""semivss.models."""
