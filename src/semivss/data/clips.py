@@ -1,0 +1,268 @@
+"""Torch datasets of clips and evaluation frames, and `collate`.
+
+Every training `__getitem__` accepts an int or a tuple `(index, sample_seed)`; all randomness of
+a sample (which context frames, augmentation, strong distortion) comes from
+`np.random.default_rng(sample_seed)`, so the same pair always gives the same tensors. A plain int
+draws its seed from torch's RNG (seeded per DataLoader worker); the engine's infinite sampler
+(`semivss.engine.sampler`) yields the pairs. Offsets are signed differences of positions in the
+video's ordered frame list (SPEC sections 1, 2.2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from semivss.data.transforms import ClipAugment, EvalResize, StrongPhotometric, label_to_tensor, to_tensor
+from semivss.data.video import Frame, FrameRef, VideoSet
+from semivss.errors import ConfigError, DataError
+
+__all__ = [
+    "LabeledClips",
+    "UnlabeledClips",
+    "EvalFrames",
+    "collate",
+    "pick_neighbours",
+]
+
+SampleIndex = int | tuple[int, int]
+_U32 = 2**32
+
+
+def _resolve(item: Any) -> tuple[int, int]:
+    """(index, sample_seed) from an int or a pair; a bare int takes a seed from torch's RNG."""
+    if isinstance(item, (tuple, list)):
+        if len(item) != 2:
+            raise TypeError(f"expected index or (index, sample_seed), got {item!r}")
+        return int(item[0]), int(item[1])
+    return int(item), int(torch.randint(0, 2**62, ()).item())
+
+
+def pick_neighbours(
+    rng: np.random.Generator, length: int, pos: int, count: int, offsets: tuple[int, int]
+) -> list[int]:
+    """`count` positions q != pos of a video of `length` frames with lo <= q - pos <= hi.
+
+    Distinct when there are enough candidates (then repeats are drawn); with no candidate in
+    range the other frame whose offset is nearest to the range is used, and a single-frame video
+    returns `pos` itself.
+    """
+    if count <= 0:
+        return []
+    lo, hi = offsets
+    cands = [q for q in range(max(0, pos + lo), min(length - 1, pos + hi) + 1) if q != pos]
+    if not cands:
+        if length == 1:
+            return [pos] * count
+        def gap(q: int) -> tuple[int, int, int]:  # distance of the offset to [lo, hi], then to 0
+            d = q - pos
+            return (max(lo - d, d - hi, 0), abs(d), q)
+
+        nearest = min((q for q in range(length) if q != pos), key=gap)
+        return [nearest] * count
+    if len(cands) >= count:
+        return [int(q) for q in rng.choice(cands, size=count, replace=False)]
+    extra = rng.choice(cands, size=count - len(cands), replace=True)
+    return [int(q) for q in rng.permutation(np.concatenate([cands, extra]))]
+
+
+def _check_offsets(name: str, offsets: Sequence[int]) -> tuple[int, int]:
+    if len(offsets) != 2 or int(offsets[0]) > int(offsets[1]):
+        raise ConfigError(f"{name} must be (low, high) with low <= high, got {offsets}")
+    return int(offsets[0]), int(offsets[1])
+
+
+def _read_clip(videoset: VideoSet, frames: list[Frame]) -> list[np.ndarray]:
+    images = [videoset.read_image(f) for f in frames]
+    for f, im in zip(frames, images):
+        if im.shape != images[0].shape:
+            raise DataError(
+                f"frames of video {f.video!r} differ in size: {frames[0].source} is "
+                f"{images[0].shape[1]}x{images[0].shape[0]}, {f.source} is {im.shape[1]}x{im.shape[0]}"
+            )
+    return images
+
+
+def _check_refs(videoset: VideoSet, refs: Sequence[FrameRef], what: str, need_label: bool) -> list[FrameRef]:
+    refs = list(refs)
+    for r in refs:
+        fr = videoset.frame(r)  # DataError if unknown
+        if need_label and fr.label is None:
+            raise DataError(f"{what} frame {r} of video set {videoset.name!r} ({fr.source}) has no label file")
+    return refs
+
+
+class LabeledClips(Dataset[dict[str, torch.Tensor]]):
+    """Labeled frame + optional K context frames of the same video, same geometry.
+
+    Returns `image (3,H,W)`, `label (H,W) int64`; with `context_frames=K > 0` also `context
+    (K,3,H,W)` and `context_offset (K,) int64`, and `context_strong (K,3,H,W)` (strong photometric
+    copies of the context frames) when `context_strong`. Context labels are never read.
+    """
+
+    def __init__(
+        self,
+        videoset: VideoSet,
+        labeled: Sequence[FrameRef],
+        augment: ClipAugment,
+        context_frames: int = 0,
+        context_offsets: tuple[int, int] = (-29, 29),
+        context_strong: bool = False,
+        split_name: str = "labeled",
+    ) -> None:
+        if not labeled:
+            raise DataError(f"{split_name} split of video set {videoset.name!r} is empty: no labeled frames")
+        if context_frames < 0:
+            raise ConfigError(f"context_frames must be >= 0, got {context_frames}")
+        self.videoset = videoset
+        self.labeled = _check_refs(videoset, labeled, split_name, need_label=True)
+        self.augment = augment
+        self.context_frames = context_frames
+        self.context_offsets = _check_offsets("context_offsets", context_offsets)
+        self.context_strong = context_strong
+        self.strong = StrongPhotometric()
+
+    def __len__(self) -> int:
+        return len(self.labeled)
+
+    def __getitem__(self, item: SampleIndex) -> dict[str, torch.Tensor]:
+        idx, seed = _resolve(item)
+        rng = np.random.default_rng(seed)
+        ref = self.labeled[idx]
+        video = self.videoset.video(ref.video)
+        pos = video.position(ref.index)
+        ctx = pick_neighbours(rng, len(video), pos, self.context_frames, self.context_offsets)
+        frames = [video.frames[pos]] + [video.frames[q] for q in ctx]
+        images = _read_clip(self.videoset, frames)
+        label = self.videoset.read_label(frames[0])
+        imgs, masks = self.augment(images, [label] + [None] * len(ctx), int(rng.integers(_U32)))
+        assert masks[0] is not None
+        out = {"image": to_tensor(imgs[0]), "label": label_to_tensor(masks[0])}
+        if ctx:
+            out["context"] = torch.stack([to_tensor(im) for im in imgs[1:]])
+            out["context_offset"] = torch.tensor([q - pos for q in ctx], dtype=torch.int64)
+            if self.context_strong:
+                out["context_strong"] = torch.stack(
+                    [to_tensor(self.strong(im, int(rng.integers(_U32)))) for im in imgs[1:]]
+                )
+        return out
+
+
+class UnlabeledClips(Dataset[dict[str, torch.Tensor]]):
+    """Anchor frame + N-1 other frames of its video within `offsets`, same geometry.
+
+    Returns `image (N,3,H,W)`, `offset (N,) int64` (anchor first, offset 0) and, with `strong`,
+    `strong (N,3,H,W)` strong photometric copies. Labels are never read.
+    """
+
+    def __init__(
+        self,
+        videoset: VideoSet,
+        frames: Sequence[FrameRef],
+        augment: ClipAugment,
+        num_frames: int = 1,
+        offsets: tuple[int, int] = (-29, 29),
+        strong: bool = False,
+        split_name: str = "unlabeled",
+    ) -> None:
+        if not frames:
+            raise DataError(f"{split_name} split of video set {videoset.name!r} is empty: no unlabeled frames")
+        if num_frames < 1:
+            raise ConfigError(f"num_frames must be >= 1, got {num_frames}")
+        self.videoset = videoset
+        self.frames = _check_refs(videoset, frames, split_name, need_label=False)
+        self.augment = augment
+        self.num_frames = num_frames
+        self.offsets = _check_offsets("offsets", offsets)
+        self.use_strong = strong
+        self.strong = StrongPhotometric()
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, item: SampleIndex) -> dict[str, torch.Tensor]:
+        idx, seed = _resolve(item)
+        rng = np.random.default_rng(seed)
+        ref = self.frames[idx]
+        video = self.videoset.video(ref.video)
+        pos = video.position(ref.index)
+        others = pick_neighbours(rng, len(video), pos, self.num_frames - 1, self.offsets)
+        frames = [video.frames[pos]] + [video.frames[q] for q in others]
+        images = _read_clip(self.videoset, frames)
+        imgs, _ = self.augment(images, [None] * len(images), int(rng.integers(_U32)))
+        out = {
+            "image": torch.stack([to_tensor(im) for im in imgs]),
+            "offset": torch.tensor([0] + [q - pos for q in others], dtype=torch.int64),
+        }
+        if self.use_strong:
+            out["strong"] = torch.stack([to_tensor(self.strong(im, int(rng.integers(_U32)))) for im in imgs])
+        return out
+
+
+class EvalFrames(Dataset[dict[str, Any]]):
+    """Frames for evaluation / inference, ordered by video (set order) then index.
+
+    Returns `image (3,h,w)` resized to `size` (None = original), `label (H,W) int64` at the
+    ORIGINAL resolution (-1 everywhere when the frame has no label), `has_label` (bool),
+    `video` (str), `index` (int), `orig_size (2,) int64` = (H, W). `frames=None` = all annotated.
+    """
+
+    def __init__(
+        self, videoset: VideoSet, frames: Sequence[FrameRef] | None = None, size: tuple[int, int] | None = None
+    ) -> None:
+        refs = videoset.annotated() if frames is None else list(frames)
+        if not refs:
+            raise DataError(f"no frames to evaluate in video set {videoset.name!r}")
+        _check_refs(videoset, refs, "evaluation", need_label=False)
+        order = {v.name: i for i, v in enumerate(videoset.videos)}
+        self.videoset = videoset
+        self.frames = sorted(set(refs), key=lambda r: (order[r.video], r.index))
+        self.resize = EvalResize(size)
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        ref = self.frames[int(item)]
+        image = self.videoset.read_image(ref)
+        h, w = image.shape[:2]
+        if self.videoset.has_label(ref):
+            label = label_to_tensor(self.videoset.read_label(ref))
+            has = True
+        else:
+            label = torch.full((h, w), -1, dtype=torch.int64)
+            has = False
+        return {
+            "image": to_tensor(self.resize(image)),
+            "label": label,
+            "has_label": has,
+            "video": ref.video,
+            "index": ref.index,
+            "orig_size": torch.tensor([h, w], dtype=torch.int64),
+        }
+
+
+def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack a list of sample dicts: tensors of equal shape -> stacked (else a list), numbers and
+    bools -> 1-D tensors, anything else (strings) -> lists."""
+    if not samples:
+        raise ValueError("collate of an empty batch")
+    keys = list(samples[0])
+    out: dict[str, Any] = {}
+    for key in keys:
+        try:
+            vals = [s[key] for s in samples]
+        except KeyError:
+            raise ValueError(f"batch samples do not all have key {key!r}") from None
+        v0 = vals[0]
+        if isinstance(v0, torch.Tensor):
+            out[key] = torch.stack(vals) if all(v.shape == v0.shape for v in vals) else vals
+        elif isinstance(v0, (bool, int, float, np.integer, np.floating)) and not isinstance(v0, str):
+            out[key] = torch.tensor(vals)
+        else:
+            out[key] = vals
+    return out

@@ -1,0 +1,88 @@
+"""`data:` section of the experiment config and helpers that build data objects from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from semivss.data.formats import load_dataset
+from semivss.data.splits import Split, all_labeled, every_kth, single_frame
+from semivss.data.transforms import ClipAugment
+from semivss.data.video import VideoSet
+
+__all__ = ["SplitConfig", "DataConfig", "build_split", "build_augment", "load_videosets"]
+
+
+class SplitConfig(BaseModel):
+    """Which training frames are labeled (SPEC section 5): every k-th annotated frame of each
+    video (camvid-ssvs), one frame per video at `position`, or all annotated frames."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["every_kth", "single", "all"] = "every_kth"
+    k: int = Field(8, ge=1)
+    phase: int | None = Field(None, ge=0)
+    position: int = 0
+
+    @model_validator(mode="after")
+    def _phase_below_k(self) -> SplitConfig:
+        if self.phase is not None and self.phase >= self.k:
+            raise ValueError(f"phase must be < k ({self.k}), got {self.phase}")
+        return self
+
+
+class DataConfig(BaseModel):
+    """Dataset, split and training-augmentation settings (evaluation resize lives elsewhere)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["camvid", "folder", "synthetic", "cityscapes", "vspw"]
+    root: Path
+    train_split: str | None = "train"
+    val_split: str | None = "val"
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    crop_size: tuple[int, int] = (240, 320)
+    base_size: tuple[int, int] | None = (240, 320)
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    hflip: bool = True
+    batch_size: int = Field(8, ge=1)
+    unlabeled_batch_size: int = Field(8, ge=0)
+    num_workers: int = Field(2, ge=0)
+
+    @field_validator("crop_size", "base_size")
+    @classmethod
+    def _positive(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and min(v) < 1:
+            raise ValueError(f"sizes are (height, width) of positive ints, got {v}")
+        return v
+
+    @field_validator("scale_range")
+    @classmethod
+    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"scale_range must satisfy 0 < low <= high, got {v}")
+        return v
+
+
+def build_split(cfg: DataConfig, videoset: VideoSet) -> Split:
+    """Labeled/unlabeled split of the training video set according to `cfg.split`."""
+    s = cfg.split
+    if s.mode == "every_kth":
+        return every_kth(videoset, s.k, s.phase)
+    if s.mode == "single":
+        return single_frame(videoset, s.position)
+    return all_labeled(videoset)
+
+
+def build_augment(cfg: DataConfig) -> ClipAugment:
+    """Training `ClipAugment` from the config (camvid-ssvs recipe by default)."""
+    return ClipAugment(cfg.crop_size, cfg.base_size, cfg.scale_range, cfg.hflip)
+
+
+def load_videosets(cfg: DataConfig) -> tuple[VideoSet, VideoSet | None]:
+    """(training video set, validation video set or None when `val_split` is null)."""
+    train = load_dataset(cfg.format, cfg.root, cfg.train_split)
+    val = load_dataset(cfg.format, cfg.root, cfg.val_split) if cfg.val_split else None
+    return train, val

@@ -1,0 +1,195 @@
+"""Clip-consistent augmentation and tensor conversion (docs/ARCHITECTURE.md conventions).
+
+`ClipAugment` applies ONE set of geometric parameters (rescale, crop, flip) to every frame and
+label of a clip, so that frames stay aligned with each other and with the labeled frame
+(SPEC section 5 camvid-ssvs recipe: resize to base size x U[0.5, 2.0], crop padded with ignore,
+horizontal flip). `StrongPhotometric` is the UniMatch "strong" colour distortion used for the
+distorted source frames of IFR (SPEC section 2.2). Everything is driven by an explicit seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+
+from semivss.data.video import IGNORE_INDEX
+from semivss.errors import ConfigError, DataError
+
+__all__ = [
+    "MEAN",
+    "STD",
+    "ClipAugment",
+    "StrongPhotometric",
+    "EvalResize",
+    "to_tensor",
+    "label_to_tensor",
+    "denormalize",
+]
+
+MEAN = (123.675, 116.28, 103.53)
+"""ImageNet RGB mean on the 0..255 scale."""
+STD = (58.395, 57.12, 57.375)
+"""ImageNet RGB std on the 0..255 scale."""
+
+_MAX_SEED = 2**32
+
+
+def _check_size(name: str, size: Sequence[int] | None) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    if len(size) != 2 or any(int(s) < 1 for s in size):
+        raise ConfigError(f"{name} must be two positive ints (height, width), got {size}")
+    return int(size[0]), int(size[1])
+
+
+class ClipAugment:
+    """Same random rescale / crop / flip for all frames (and labels) of a clip.
+
+    Frames are first resized to `base_size` (h, w) when given, then scaled by one factor drawn
+    uniformly from `scale_range`, padded (image: the mean colour, label: `ignore_index`) to at least
+    `crop_size`, randomly cropped to `crop_size` and flipped horizontally with p = 0.5. Images use
+    bilinear, labels nearest interpolation.
+    """
+
+    def __init__(
+        self,
+        crop_size: tuple[int, int],
+        base_size: tuple[int, int] | None = None,
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        hflip: bool = True,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> None:
+        crop = _check_size("crop_size", crop_size)
+        assert crop is not None
+        self.crop_size = crop
+        self.base_size = _check_size("base_size", base_size)
+        lo, hi = float(scale_range[0]), float(scale_range[1])
+        if not 0 < lo <= hi:
+            raise ConfigError(f"scale_range must satisfy 0 < low <= high, got {scale_range}")
+        self.scale_range = (lo, hi)
+        self.hflip = hflip
+        self.ignore_index = ignore_index
+        ops: list[A.BasicTransform] = []
+        if self.base_size is not None:
+            ops.append(
+                A.Resize(*self.base_size, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST)
+            )
+        if (lo, hi) != (1.0, 1.0):
+            ops.append(
+                A.RandomScale(
+                    scale_limit=(lo - 1.0, hi - 1.0),
+                    interpolation=cv2.INTER_LINEAR,
+                    mask_interpolation=cv2.INTER_NEAREST,
+                    p=1.0,
+                )
+            )
+        fill = tuple(float(round(m)) for m in MEAN)
+        ops += [
+            A.PadIfNeeded(*crop, border_mode=cv2.BORDER_CONSTANT, fill=fill, fill_mask=ignore_index),
+            A.RandomCrop(*crop),
+        ]
+        if hflip:
+            ops.append(A.HorizontalFlip(p=0.5))
+        self._pipeline = A.Compose(ops)
+
+    def __repr__(self) -> str:
+        return (
+            f"ClipAugment(crop_size={self.crop_size}, base_size={self.base_size}, "
+            f"scale_range={self.scale_range}, hflip={self.hflip})"
+        )
+
+    def __call__(
+        self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray | None], seed: int
+    ) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+        """Augment a clip: `images` uint8 HxWx3 (all the same size), `masks` uint8 HxW or None
+        per frame (same length as `images`). Returns lists of the same lengths."""
+        if not images:
+            raise ValueError("ClipAugment needs at least one image")
+        if len(masks) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(masks)} masks")
+        shape = images[0].shape
+        for im in images:
+            if im.shape != shape or im.ndim != 3 or im.shape[2] != 3:
+                raise DataError(
+                    f"frames of one clip must be HxWx3 of the same size, got {[i.shape for i in images]}"
+                )
+        present = [i for i, m in enumerate(masks) if m is not None]
+        for i in present:
+            m = masks[i]
+            assert m is not None
+            if m.shape != shape[:2]:
+                raise DataError(f"label of size {m.shape} does not match its image {shape[:2]}")
+        self._pipeline.set_random_seed(int(seed) % _MAX_SEED)
+        data: dict[str, np.ndarray] = {"images": np.stack(images)}
+        if present:
+            data["masks"] = np.stack([masks[i] for i in present])  # type: ignore[misc]
+        out = self._pipeline(**data)
+        out_images = [np.ascontiguousarray(x) for x in out["images"]]
+        out_masks: list[np.ndarray | None] = [None] * len(masks)
+        for j, i in enumerate(present):
+            out_masks[i] = np.ascontiguousarray(out["masks"][j])
+        return out_images, out_masks
+
+
+class StrongPhotometric:
+    """UniMatch strong distortion: colour jitter (0.5, 0.5, 0.5, 0.25) p=0.8, random grayscale
+    p=0.2, Gaussian blur sigma U[0.1, 2.0] p=0.5; per frame, seeded per call."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = seed
+        self._pipeline = A.Compose(
+            [
+                A.ColorJitter(brightness=0.5, contrast=0.5, saturation=0.5, hue=0.25, p=0.8),
+                A.ToGray(num_output_channels=3, p=0.2),
+                A.GaussianBlur(blur_limit=0, sigma_limit=(0.1, 2.0), p=0.5),
+            ],
+            seed=seed,
+        )
+
+    def __call__(self, image: np.ndarray, seed: int | None = None) -> np.ndarray:
+        """Distort one uint8 HxWx3 image; `seed` makes the call reproducible."""
+        if seed is not None:
+            self._pipeline.set_random_seed(int(seed) % _MAX_SEED)
+        return np.ascontiguousarray(self._pipeline(image=image)["image"])
+
+
+class EvalResize:
+    """Resize an image to a fixed (h, w) with bilinear interpolation (None = keep the size)."""
+
+    def __init__(self, size: tuple[int, int] | None) -> None:
+        self.size = _check_size("size", size)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        if self.size is None or image.shape[:2] == self.size:
+            return image
+        h, w = self.size
+        return cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+_MEAN_T = torch.tensor(MEAN, dtype=torch.float32).view(3, 1, 1)
+_STD_T = torch.tensor(STD, dtype=torch.float32).view(3, 1, 1)
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 HxWx3 RGB -> float32 (3, H, W) normalised with ImageNet MEAN/STD."""
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 image, got shape {image.shape}")
+    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+    return (t - _MEAN_T) / _STD_T
+
+
+def label_to_tensor(label: np.ndarray) -> torch.Tensor:
+    """uint8/int HxW class ids -> int64 (H, W)."""
+    if label.ndim != 2:
+        raise ValueError(f"expected an HxW label, got shape {label.shape}")
+    return torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
+
+
+def denormalize(image: torch.Tensor) -> np.ndarray:
+    """Inverse of `to_tensor` for one (3, H, W) tensor: uint8 HxWx3 (for visualisation)."""
+    t = image.detach().float().cpu() * _STD_T + _MEAN_T
+    return t.clamp(0, 255).round().byte().permute(1, 2, 0).numpy()
