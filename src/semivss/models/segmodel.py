@@ -1,0 +1,97 @@
+"""``SegModel``: encoder + decoder + final 1x1 classifier, and ``build_model`` (ARCHITECTURE.md)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from semivss.errors import ConfigError
+from semivss.models.backbones import Encoder, build_encoder
+from semivss.models.config import ModelConfig
+from semivss.models.heads import DeepLabV3PlusDecoder, PSPDecoder, init_head
+from semivss.models.weights import LoadReport, load_encoder_weights
+
+__all__ = ["SegModel", "build_model", "default_feature_dim"]
+
+
+class SegModel(nn.Module):
+    """Segmentation network. ``forward(x)`` returns ``{"logits": (B,C,h,w), "feature": (B,D,h,w)}``
+    plus ``"rep": (B,256,h,w)`` with a representation head, at ``stride`` (h = ceil(H/stride)).
+
+    ``feature`` is the exact input of the final classifier, so ``classify(out["feature"])``
+    equals ``out["logits"]`` (IFR reconstructs features and classifies them with this module).
+    """
+
+    def __init__(self, encoder: Encoder, decoder: DeepLabV3PlusDecoder | PSPDecoder,
+                 num_classes: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.classifier = nn.Conv2d(decoder.feature_dim, num_classes, 1)
+        self.num_classes = num_classes
+        self.feature_dim: int = decoder.feature_dim
+        self.stride: int = decoder.stride
+        self.has_rep_head = isinstance(decoder, DeepLabV3PlusDecoder) and decoder.rep is not None
+        self.load_report: LoadReport | None = None
+
+    @property
+    def output_stride_total(self) -> int:
+        """Stride of ``logits`` relative to the input (alias of ``stride``)."""
+        return self.stride
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        low, high = self.encoder(x)
+        out = self.decoder(low, high)
+        out["logits"] = self.classifier(out["feature"])
+        return out
+
+    def classify(self, feature: Tensor) -> Tensor:
+        """Apply the final 1x1 classifier (the same module ``forward`` uses) to a feature map."""
+        return self.classifier(feature)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters split for per-group learning rates: ``backbone`` = encoder, ``head`` =
+        everything else (decoder, representation head, classifier; LR x10 in the references)."""
+        backbone = list(self.encoder.parameters())
+        ids = {id(p) for p in backbone}
+        head = [p for p in self.parameters() if id(p) not in ids]
+        return {"backbone": backbone, "head": head}
+
+
+def default_feature_dim(cfg: ModelConfig) -> int:
+    """Width D of the classifier input: ``cfg.feature_dim`` if set, else 256 for DeepLabV3+ and
+    for PSPNet 128 with ResNet-18 / 512 otherwise (IFR's code)."""
+    if cfg.feature_dim is not None:
+        return cfg.feature_dim
+    if cfg.arch == "deeplabv3plus":
+        return 256
+    return 128 if cfg.backbone == "resnet18" else 512
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> SegModel:
+    """Build the network of ``cfg`` for ``num_classes`` classes and load its pretrained encoder
+    weights (``cfg.pretrained``); heads get Kaiming-normal init, BN weight 1 / bias 0."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if cfg.rep_head and cfg.arch != "deeplabv3plus":
+        raise ConfigError(
+            f"model.rep_head: true requires model.arch: deeplabv3plus, not {cfg.arch!r}"
+        )
+    encoder = build_encoder(cfg.backbone, cfg.output_stride)
+    dim = default_feature_dim(cfg)
+    decoder: DeepLabV3PlusDecoder | PSPDecoder
+    if cfg.arch == "deeplabv3plus":
+        decoder = DeepLabV3PlusDecoder(
+            encoder.low_channels, encoder.high_channels, cfg.output_stride, dim, cfg.dropout,
+            cfg.rep_head,
+        )
+    elif cfg.arch == "pspnet":
+        decoder = PSPDecoder(encoder.high_channels, cfg.output_stride, dim, cfg.dropout)
+    else:
+        raise ConfigError(f"model.arch: unknown architecture {cfg.arch!r}")
+    model = SegModel(encoder, decoder, num_classes)
+    init_head(model.decoder)
+    init_head(model.classifier)
+    pretrained = cfg.pretrained
+    if pretrained is not None and pretrained.strip().lower() not in ("", "none", "null"):
+        model.load_report = load_encoder_weights(model.encoder, pretrained)
+    return model
