@@ -1,1 +1,28 @@
-"""semivss.metrics."""
+"""semivss.metrics: confusion-matrix metrics, VC_n and the offset analysis (SPEC sections 1, 3)."""
+
+from semivss.metrics.confusion import ConfusionMatrix, metrics_from_matrix
+from semivss.metrics.offset import (
+    OffsetRow,
+    OffsetTable,
+    merge_tables,
+    offset_table,
+    offset_table_text,
+    plot_offsets,
+    save_offset_tables,
+)
+from semivss.metrics.vc import VideoConsistency, vc_window_scores, video_consistency
+
+__all__ = [
+    "ConfusionMatrix",
+    "OffsetRow",
+    "OffsetTable",
+    "VideoConsistency",
+    "merge_tables",
+    "metrics_from_matrix",
+    "offset_table",
+    "offset_table_text",
+    "plot_offsets",
+    "save_offset_tables",
+    "vc_window_scores",
+    "video_consistency",
+]

@@ -1,0 +1,76 @@
+"""Evaluation / inference settings (the ``eval`` config section)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+
+def _positive_pair(v: tuple[int, int] | None, name: str) -> tuple[int, int] | None:
+    if v is not None and (v[0] < 1 or v[1] < 1):
+        raise ValueError(f"{name} must be two positive integers (height, width), got {v}")
+    return v
+
+
+class EvalConfig(BaseModel):
+    """How frames are fed to the model at evaluation time (SPEC section 5).
+
+    ``mode="whole"``: frames resized to ``size`` (H, W) before the model (``None``: original
+    resolution); logits upsampled bilinearly to the label's resolution. ``mode="slide"``: windows of
+    ``window`` every ``stride`` on the image resized to ``size`` (or at original resolution),
+    logits averaged where windows overlap. ``vc``: window lengths of VC_n (SPEC section 3).
+    ``amp``: bf16 autocast on CPU, fp16 on CUDA.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["whole", "slide"] = "whole"
+    size: tuple[int, int] | None = (240, 320)
+    window: tuple[int, int] = (240, 320)
+    stride: tuple[int, int] = (160, 213)
+    batch_size: int = 4
+    vc: tuple[int, ...] = (8, 16)
+    amp: bool = False
+
+    @field_validator("size")
+    @classmethod
+    def _check_size(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        return _positive_pair(v, "size")
+
+    @field_validator("window")
+    @classmethod
+    def _check_window(cls, v: tuple[int, int]) -> tuple[int, int]:
+        _positive_pair(v, "window")
+        return v
+
+    @field_validator("stride")
+    @classmethod
+    def _check_stride(cls, v: tuple[int, int]) -> tuple[int, int]:
+        _positive_pair(v, "stride")
+        return v
+
+    @field_validator("batch_size")
+    @classmethod
+    def _check_batch(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"batch_size must be >= 1, got {v}")
+        return v
+
+    @field_validator("vc")
+    @classmethod
+    def _check_vc(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(n < 1 for n in v):
+            raise ValueError(f"vc window lengths must be >= 1, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_slide(self) -> EvalConfig:
+        if self.mode == "slide" and (
+            self.stride[0] > self.window[0] or self.stride[1] > self.window[1]
+        ):
+            raise ValueError(
+                f"stride {self.stride} larger than window {self.window} would leave pixels "
+                "unpredicted"
+            )
+        return self

@@ -1,0 +1,187 @@
+"""Output writers: palette label PNGs, colour overlays and H.264 mp4 (SPEC section 3, last item)."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from semivss.errors import DataError
+
+Palette = Any  # sequence of (r, g, b) per class, or a (C, 3) array
+
+__all__ = [
+    "Mp4Writer",
+    "OutputExistsError",
+    "check_new_output",
+    "colorize",
+    "overlay",
+    "palette_lut",
+    "save_label_png",
+]
+
+
+class OutputExistsError(DataError, FileExistsError):
+    """An output file or non-empty directory exists and overwriting was not asked for."""
+
+
+def check_new_output(path: str | Path, overwrite: bool = False) -> Path:
+    """Refuse to write over an existing file or a non-empty directory unless ``overwrite``.
+
+    Nothing is deleted: with ``overwrite=True`` existing files are simply replaced as they are
+    written again.
+    """
+    p = Path(path)
+    if overwrite or not p.exists():
+        return p
+    if p.is_dir():
+        if any(p.iterdir()):
+            raise OutputExistsError(
+                f"{p}: output directory exists and is not empty (pass overwrite=True / "
+                "--overwrite to write into it)"
+            )
+        return p
+    raise OutputExistsError(f"{p}: output file exists (pass overwrite=True / --overwrite)")
+
+
+def palette_lut(palette: Palette) -> np.ndarray:
+    """(256, 3) uint8 lookup table: class c -> palette[c]; unused entries and 255 black."""
+    pal = np.asarray(palette)
+    if pal.ndim != 2 or pal.shape[1] != 3 or not 1 <= pal.shape[0] <= 255:
+        raise DataError(f"palette must be 1..255 (r, g, b) triples, got shape {pal.shape}")
+    if pal.min() < 0 or pal.max() > 255:
+        raise DataError("palette colours must lie in 0..255")
+    lut = np.zeros((256, 3), dtype=np.uint8)
+    lut[: pal.shape[0]] = pal.astype(np.uint8)
+    return lut
+
+
+def _label_array(label: Any, num_classes: int, where: str) -> np.ndarray:
+    arr = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
+    if arr.ndim != 2:
+        raise DataError(f"{where}: label must be 2-D (H, W), got shape {arr.shape}")
+    if arr.dtype.kind not in "ui":
+        raise DataError(f"{where}: label must hold integer class ids, got dtype {arr.dtype}")
+    bad = (arr != 255) & ((arr < 0) | (arr >= num_classes))
+    if bad.any():
+        raise DataError(
+            f"{where}: label value {int(arr[bad][0])} outside 0..{num_classes - 1} and not 255"
+        )
+    return arr.astype(np.uint8)
+
+
+def save_label_png(path: str | Path, label: Any, palette: Palette) -> Path:
+    """Write ``label`` (H, W; 0..C-1, 255 void) as a palette ('P' mode) PNG; void is black.
+
+    The pixel values are the class ids, so ``np.array(Image.open(path))`` gives ``label`` back.
+    """
+    path = Path(path)
+    lut = palette_lut(palette)
+    arr = _label_array(label, len(np.asarray(palette)), str(path))
+    img = Image.fromarray(arr)
+    img.putpalette(lut.reshape(-1).tolist())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format="PNG")
+    return path
+
+
+def colorize(label: Any, palette: Palette) -> np.ndarray:
+    """uint8 (H, W, 3) colour image of ``label``; void (255) black."""
+    lut = palette_lut(palette)
+    return lut[_label_array(label, len(np.asarray(palette)), "colorize")]
+
+
+def overlay(image: np.ndarray, label: Any, palette: Palette, alpha: float = 0.5) -> np.ndarray:
+    """Blend the colourised ``label`` over the uint8 RGB ``image`` (void pixels left as is)."""
+    img = np.asarray(image)
+    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+        raise DataError(f"overlay: image must be uint8 (H, W, 3), got {img.dtype} {img.shape}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    lab = _label_array(label, len(np.asarray(palette)), "overlay")
+    if lab.shape != img.shape[:2]:
+        raise DataError(f"overlay: label size {lab.shape} differs from image {img.shape[:2]}")
+    col = palette_lut(palette)[lab].astype(np.float32)
+    out = img.astype(np.float32)
+    m = lab != 255
+    out[m] = (1.0 - alpha) * out[m] + alpha * col[m]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+class Mp4Writer:
+    """H.264 (libx264, yuv420p) mp4 writer; a context manager fed uint8 RGB (H, W, 3) frames.
+
+    The size is fixed by the first frame; odd sizes are padded by one replicated row/column (yuv420p
+    needs even dimensions). The file is created on the first ``write``.
+    """
+
+    def __init__(self, path: str | Path, fps: float = 10, crf: int = 23) -> None:
+        if fps <= 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        self.path = Path(path)
+        self.fps = Fraction(fps).limit_denominator(1001)
+        self.crf = int(crf)
+        self.size: tuple[int, int] | None = None
+        self.n_frames = 0
+        self._container: Any = None
+        self._stream: Any = None
+
+    def __enter__(self) -> Mp4Writer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _open(self, h: int, w: int) -> None:
+        import av
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.size = (h, w)
+        self._container = av.open(str(self.path), mode="w")
+        stream = self._container.add_stream("libx264", rate=self.fps)
+        stream.height = h + h % 2
+        stream.width = w + w % 2
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(self.crf)}
+        self._stream = stream
+
+    def write(self, frame: np.ndarray) -> None:
+        """Encode one uint8 RGB frame of the same size as the first."""
+        import av
+
+        arr = np.asarray(frame)
+        if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+            raise DataError(f"{self.path}: frames must be uint8 (H, W, 3), got {arr.dtype} {arr.shape}")
+        h, w = arr.shape[:2]
+        if self._container is None:
+            self._open(h, w)
+        elif (h, w) != self.size:
+            raise DataError(f"{self.path}: frame {self.n_frames} is {h}x{w}, earlier frames {self.size}")
+        if h % 2 or w % 2:
+            arr = np.pad(arr, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+        vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")
+        for packet in self._stream.encode(vf):
+            self._container.mux(packet)
+        self.n_frames += 1
+
+    def close(self) -> None:
+        """Flush the encoder and close the file (idempotent)."""
+        if self._container is None:
+            return
+        try:
+            for packet in self._stream.encode():
+                self._container.mux(packet)
+        finally:
+            self._container.close()
+            self._container = None
+            self._stream = None
