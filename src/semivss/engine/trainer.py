@@ -1,0 +1,494 @@
+"""The iteration loop: data, autocast, backward, optimiser/schedule, hooks, logging, evaluation,
+atomic checkpoints with exact resume, DDP. It receives a method, a model factory and datasets and
+knows nothing about particular methods, data formats or models."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+import warnings
+import zlib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from semivss.engine.checkpoint import (
+    CHECKPOINT_VERSION,
+    atomic_write,
+    capture_rng,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from semivss.engine.config import OptimConfig, ScheduleConfig, TrainConfig
+from semivss.engine.dist import (
+    all_gather_object,
+    all_reduce_mean,
+    barrier,
+    broadcast_object,
+    init_distributed,
+    pick_device,
+)
+from semivss.engine.logger import TrainLogger
+from semivss.engine.optim import build_optimizer, build_scheduler
+from semivss.engine.precision import Precision, images_channels_last, to_channels_last
+from semivss.engine.sampler import InfiniteBatchSampler
+from semivss.errors import ConfigError, DataError, TrainingError
+from semivss.methods.base import Method
+
+EvaluateFn = Callable[[nn.Module, int], Mapping[str, float]]
+SPLITS = ("labeled", "unlabeled")
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 32-bit seed derived deterministically from ints and strings."""
+    ints = [p if isinstance(p, int) else zlib.crc32(p.encode()) for p in parts]
+    return int(np.random.SeedSequence(ints).generate_state(1, dtype=np.uint32)[0])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python ``random``, numpy's global RNG and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: seed ``random`` / numpy from the worker's torch seed."""
+    s = torch.initial_seed() % 2**32
+    random.seed(s)
+    np.random.seed(s)
+
+
+def _plain(obj: Any, where: str) -> Any:
+    """``obj`` made of weights_only-loadable values (Path -> str, numpy scalars -> python)."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, Mapping):
+        out = {}
+        for k, v in obj.items():
+            if not isinstance(k, (str, int)):
+                raise ConfigError(f"{where}: key {k!r} must be a string or an int")
+            out[k] = _plain(v, f"{where}.{k}")
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    raise ConfigError(f"{where}: a value of type {type(obj).__name__} cannot be stored in a checkpoint")
+
+
+class Trainer:
+    """Trains ``method`` on ``train_sets`` and writes ``out_dir/{metrics.csv, tb/, checkpoints/,
+    model.safetensors}``.
+
+    ``train_sets``: ``{"labeled": ds, "unlabeled": ds?}``; datasets are indexed with
+    ``(index, sample_seed)`` pairs and return dicts of tensors (collated by ``collate_fn``,
+    default ``torch.utils.data.default_collate``). ``evaluate_fn(model, step)`` gets the
+    inference model (eval mode, under ``torch.no_grad``) and the number of completed iterations;
+    it runs on rank 0 only (pass the same ``evaluate_fn``-or-None on every rank). ``meta`` (model
+    config, class names, palette, ...) is stored in every checkpoint so that the model can be
+    rebuilt from the checkpoint alone; the trainer adds ``meta["inference_model"]``, the name of
+    the entry of ``checkpoint["models"]`` that ``method.inference_model`` returns.
+    """
+
+    def __init__(
+        self,
+        method: Method,
+        make_model: Callable[[], nn.Module],
+        train_sets: Mapping[str, Dataset],
+        batch_sizes: Mapping[str, int],
+        optim: OptimConfig,
+        schedule: ScheduleConfig,
+        train: TrainConfig,
+        out_dir: str | Path,
+        evaluate_fn: EvaluateFn | None = None,
+        metric: str = "mIoU",
+        meta: Mapping[str, Any] | None = None,
+        *,
+        device: str | torch.device = "auto",
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        tensorboard: bool = True,
+        progress: bool | None = None,
+    ) -> None:
+        unknown = set(train_sets) - set(SPLITS)
+        if unknown:
+            raise ConfigError(f"train sets {sorted(unknown)} are not one of {list(SPLITS)}")
+        if "labeled" not in train_sets:
+            raise ConfigError("train sets: a 'labeled' dataset is required")
+        spec = method.data_spec()
+        if spec.unlabeled_frames > 0 and "unlabeled" not in train_sets:
+            raise ConfigError(
+                f"method '{method.name}' needs unlabeled frames but no 'unlabeled' train set was given"
+            )
+        for key, ds in train_sets.items():
+            size = batch_sizes.get(key)
+            if size is None or int(size) < 1:
+                raise ConfigError(f"batch_sizes.{key}: a positive batch size is required, got {size}")
+            if len(ds) == 0:  # type: ignore[arg-type]
+                raise DataError(f"train set '{key}' is empty")
+        self.method = method
+        self.make_model = make_model
+        self.train_sets = dict(train_sets)
+        self.batch_sizes = {k: int(batch_sizes[k]) for k in self.train_sets}
+        self.optim_cfg = optim
+        self.schedule_cfg = schedule
+        self.cfg = train
+        self.out_dir = Path(out_dir)
+        self.evaluate_fn = evaluate_fn
+        self.metric = metric
+        self.meta = _plain(dict(meta or {}), "meta")
+        self.device_name = device
+        self.collate_fn = collate_fn or default_collate
+        self.tensorboard = tensorboard
+        self.progress = progress
+        self.models: nn.ModuleDict | None = None  # unwrapped models, available after fit()
+        self.best: dict[str, Any] = {"metric": metric, "value": None, "step": None}
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    @property
+    def last_path(self) -> Path:
+        return self.ckpt_dir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.ckpt_dir / "best.pt"
+
+    # ------------------------------------------------------------------ setup
+    def _check_out_dir(self, resume: bool, rank: int) -> None:
+        msg = None
+        if rank == 0:
+            if resume:
+                if not self.last_path.is_file():
+                    msg = f"cannot resume: checkpoint {self.last_path} does not exist"
+            elif self.ckpt_dir.is_dir():
+                found = sorted(p.name for p in self.ckpt_dir.glob("*.pt"))
+                if found:
+                    msg = (
+                        f"output directory {self.out_dir} already holds checkpoints "
+                        f"({', '.join(found)}); pass resume to continue that run or choose "
+                        "another output directory"
+                    )
+        msg = broadcast_object(msg)
+        if msg is not None:
+            raise DataError(msg)
+
+    def _setup_backends(self, device: torch.device) -> None:
+        if self.cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+        elif device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+    def _build_loaders(self, start_iter: int, rank: int, world: int) -> dict[str, Any]:
+        nw = self.cfg.num_workers
+        iters = {}
+        for key, ds in self.train_sets.items():
+            seed = derive_seed(self.cfg.seed, "data", key)
+            sampler = InfiniteBatchSampler(
+                len(ds), self.batch_sizes[key], seed, rank, world, start_iter  # type: ignore[arg-type]
+            )
+            gen = torch.Generator()
+            gen.manual_seed(derive_seed(seed, "workers", rank))
+            loader = DataLoader(
+                ds,
+                batch_sampler=sampler,
+                num_workers=nw,
+                collate_fn=self.collate_fn,
+                pin_memory=self._device.type == "cuda",
+                persistent_workers=nw > 0,
+                worker_init_fn=seed_worker if nw > 0 else None,
+                generator=gen,
+            )
+            iters[key] = iter(loader)
+        return iters
+
+    def _to_device(self, obj: Any) -> Any:
+        obj = Method.to_device(obj, self._device)
+        return images_channels_last(obj) if self.cfg.channels_last else obj
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self, step: int, metrics: dict[str, float] | None) -> dict[str, Any]:
+        """Checkpoint content; collective (every rank contributes its RNG state)."""
+        rngs = all_gather_object(capture_rng())
+        return {
+            "version": CHECKPOINT_VERSION,
+            "step": step,
+            "world_size": self._world,
+            "method_name": self.method.name,
+            "models": {n: m.state_dict() for n, m in self._raw.items()},
+            "optimizer": self._optimizer.state_dict(),
+            "scheduler": self._scheduler.state_dict(),
+            "scaler": self._precision.scaler.state_dict(),
+            "method": _plain(self.method.state_dict(), "method state"),
+            "rng": {"ranks": rngs},
+            "best": dict(self.best),
+            "metrics": dict(metrics or {}),
+            "meta": self.meta,
+            "config": {
+                "optim": self.optim_cfg.model_dump(),
+                "schedule": self.schedule_cfg.model_dump(),
+                "train": self.cfg.model_dump(),
+            },
+        }
+
+    def _save(self, path: Path, state: dict[str, Any]) -> None:
+        if self._rank == 0:
+            save_checkpoint(path, state)
+
+    def _load(self, rank: int) -> tuple[int, dict[str, float]]:
+        path = self.last_path
+        state = load_checkpoint(path)
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise DataError(f"checkpoint {path} has version {state.get('version')}, expected {CHECKPOINT_VERSION}")
+        missing = [k for k in ("step", "models", "optimizer", "scheduler", "rng") if k not in state]
+        if missing:
+            raise DataError(f"checkpoint {path} lacks {missing}")
+        if set(state["models"]) != set(self._raw.keys()):
+            raise DataError(
+                f"checkpoint {path} holds models {sorted(state['models'])}, method "
+                f"'{self.method.name}' builds {sorted(self._raw.keys())}"
+            )
+        step = int(state["step"])
+        if step > self.schedule_cfg.iters:
+            raise ConfigError(
+                f"schedule.iters={self.schedule_cfg.iters} is smaller than the step {step} of {path}"
+            )
+        try:
+            for name, module in self._raw.items():
+                module.load_state_dict(state["models"][name])
+            self._optimizer.load_state_dict(state["optimizer"])
+            self._scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise DataError(f"checkpoint {path} does not match this run: {exc}") from exc
+        scaler_state = state.get("scaler") or {}
+        if self._precision.scaler.is_enabled() and scaler_state:
+            self._precision.scaler.load_state_dict(scaler_state)
+        self.method.load_state_dict(state.get("method") or {})
+        self.best = dict(state.get("best") or self.best)
+        ranks = state["rng"]["ranks"]
+        if int(state.get("world_size", 1)) != self._world:
+            warnings.warn(
+                f"resuming {path} (world size {state.get('world_size')}) with world size "
+                f"{self._world}: data order and RNG streams are not those of the original run",
+                stacklevel=2,
+            )
+        if rank < len(ranks):
+            restore_rng(ranks[rank])
+        else:
+            seed_everything(derive_seed(self.cfg.seed, "train", rank, step))
+        return step, dict(state.get("metrics") or {})
+
+    def _export(self, step: int) -> None:
+        """``out_dir/model.safetensors``: the inference model's weights; the header holds
+        ``step``, ``method`` and ``semivss_meta`` (the meta dict as JSON)."""
+        if self._rank != 0:
+            return
+        from safetensors.torch import save as st_save
+
+        model = self.method.inference_model(self._raw)
+        tensors = {
+            k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()
+        }
+        metadata = {
+            "format": "pt",
+            "step": str(step),
+            "method": self.method.name,
+            "semivss_meta": json.dumps(self.meta, default=str),
+        }
+        data = st_save(tensors, metadata=metadata)
+        atomic_write(self.out_dir / "model.safetensors", lambda f: f.write(data))
+
+    # ------------------------------------------------------------------ evaluation
+    def _evaluate(self, step: int) -> dict[str, float]:
+        """Run ``evaluate_fn`` on rank 0 (others wait); the RNG state is left untouched."""
+        metrics: dict[str, float] | None = None
+        if self._rank == 0 and self.evaluate_fn is not None:
+            rng = capture_rng()
+            model = self.method.inference_model(self._raw)
+            modes = {m: m.training for m in self._raw.modules()}
+            model.eval()
+            try:
+                with torch.no_grad():
+                    metrics = {k: float(v) for k, v in self.evaluate_fn(model, step).items()}
+            finally:
+                for m, mode in modes.items():
+                    m.train(mode)
+                restore_rng(rng)
+        barrier()
+        metrics = broadcast_object(metrics)
+        if metrics is None:
+            return {}
+        if self.metric not in metrics:
+            raise ConfigError(
+                f"metric {self.metric!r} is not among the evaluation results {sorted(metrics)}"
+            )
+        return metrics
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, resume: bool = False) -> dict[str, float]:
+        """Train for ``schedule.iters`` iterations (continuing ``checkpoints/last.pt`` when
+        ``resume``); returns the final evaluation metrics (the last logged training scalars when
+        there is no ``evaluate_fn``)."""
+        info = init_distributed()
+        self._rank, self._world = info.rank, info.world_size
+        self._device = pick_device(self.device_name)
+        self._check_out_dir(resume, self._rank)
+        self._setup_backends(self._device)
+        cfg, max_steps = self.cfg, self.schedule_cfg.iters
+
+        # identical model initialisation on every rank
+        seed_everything(cfg.seed)
+        models = self.method.build_models(self.make_model)
+        if not isinstance(models, nn.ModuleDict):
+            raise TypeError(f"{type(self.method).__name__}.build_models must return an nn.ModuleDict")
+        models.to(self._device)
+        if cfg.channels_last:
+            to_channels_last(models)
+        trainable = self.method.trainable(models)
+        if not trainable:
+            raise ConfigError(f"method '{self.method.name}' has no trainable model")
+        train_models = nn.ModuleDict()
+        for name, module in models.items():
+            if name in trainable and self._world > 1:
+                if self._device.type == "cuda" and cfg.sync_bn:
+                    module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+                    models[name] = module
+                module = nn.parallel.DistributedDataParallel(
+                    module,
+                    device_ids=[self._device.index] if self._device.type == "cuda" else None,
+                    find_unused_parameters=cfg.find_unused_parameters,
+                )
+            train_models[name] = module
+        self._raw, self.models = models, models
+        inference = self.method.inference_model(models)
+        for name, module in models.items():
+            if module is inference and "inference_model" not in self.meta:
+                self.meta["inference_model"] = name  # which checkpoint entry to rebuild from
+        self._optimizer = build_optimizer(models, trainable, self.optim_cfg)
+        self._scheduler = build_scheduler(self._optimizer, self.schedule_cfg)
+        self._precision = Precision.from_config(cfg.precision, self._device)
+        self.best = {"metric": self.metric, "value": None, "step": None}
+
+        start, metrics = 0, {}
+        if resume:
+            start, metrics = self._load(self._rank)
+        else:
+            seed_everything(derive_seed(cfg.seed, "train", self._rank))
+
+        logger = TrainLogger(
+            self.out_dir,
+            max_steps,
+            start_step=start,
+            resume=resume,
+            enabled=self._rank == 0,
+            tensorboard=self.tensorboard,
+            progress=self.progress,
+        )
+        iters: dict[str, Any] = {}
+        last_scalars: dict[str, float] = {}
+        try:
+            if start < max_steps:
+                iters = self._build_loaders(start, self._rank, self._world)
+            train_models.train()
+            sums: dict[str, torch.Tensor] = {}
+            count, busy, lr_sum = 0, 0.0, 0.0
+            for step in range(start, max_steps):
+                t0 = time.perf_counter()
+                batch = {k: self._to_device(next(it)) for k, it in iters.items()}
+                with self._precision.autocast():
+                    losses = self.method.training_step(train_models, batch, step, max_steps)
+                if "loss" not in losses:
+                    raise TrainingError(
+                        f"{type(self.method).__name__}.training_step returned no 'loss' "
+                        f"(keys: {sorted(losses)})"
+                    )
+                loss = losses["loss"]
+                self._check_finite(step, losses)
+                self._optimizer.zero_grad(set_to_none=True)
+                scaler = self._precision.scaler
+                scaler.scale(loss.float()).backward()
+                if cfg.grad_clip is not None:
+                    scaler.unscale_(self._optimizer)
+                    torch.nn.utils.clip_grad_norm_(
+                        [p for g in self._optimizer.param_groups for p in g["params"]], cfg.grad_clip
+                    )
+                lr_sum += self._optimizer.param_groups[0]["lr"]
+                scaler.step(self._optimizer)
+                scaler.update()
+                self._scheduler.step()
+                self.method.on_step_end(train_models, step)
+                for k, v in losses.items():
+                    v = v.detach().float().mean()
+                    sums[k] = sums[k] + v if k in sums else v
+                count += 1
+                busy += time.perf_counter() - t0
+                done = step + 1
+                logger.advance(done)
+
+                if done % cfg.log_interval == 0 or done == max_steps:
+                    keys = list(sums)
+                    means = all_reduce_mean(torch.stack([sums[k] for k in keys]) / count)
+                    last_scalars = {k: float(v) for k, v in zip(keys, means.tolist())}
+                    last_scalars["lr"] = lr_sum / count
+                    last_scalars["it_s"] = count / max(busy, 1e-9)
+                    logger.log_train(done, last_scalars)
+                    sums, count, busy, lr_sum = {}, 0, 0.0, 0.0
+
+                new_best = False
+                if self.evaluate_fn is not None and (
+                    done == max_steps or (cfg.eval_interval > 0 and done % cfg.eval_interval == 0)
+                ):
+                    metrics = self._evaluate(done)
+                    logger.log_eval(done, metrics)
+                    value = metrics[self.metric]
+                    if self.best["value"] is None or value > self.best["value"]:
+                        self.best = {"metric": self.metric, "value": value, "step": done}
+                        new_best = cfg.keep_best
+                save_last = done % cfg.ckpt_interval == 0 or done == max_steps
+                if new_best or save_last:
+                    state = self._state(done, metrics)
+                    if new_best:
+                        self._save(self.best_path, state)
+                    if save_last:
+                        self._save(self.last_path, state)
+                    del state
+            self._export(max_steps)
+            barrier()
+        finally:
+            for it in iters.values():
+                shutdown = getattr(it, "_shutdown_workers", None)
+                if shutdown is not None:
+                    shutdown()
+            logger.close()
+        return metrics if self.evaluate_fn is not None else last_scalars
+
+    def _check_finite(self, step: int, losses: Mapping[str, torch.Tensor]) -> None:
+        """Raise TrainingError naming the step and every loss term when the total is not finite
+        (on any rank)."""
+        finite = torch.isfinite(losses["loss"].detach()).all().float()
+        if self._world > 1:
+            finite = all_reduce_mean(finite.reshape(1)).reshape(())
+        if float(finite) < 1.0:
+            terms = ", ".join(
+                f"{k}={float(v.detach().float().mean()):.6g}" for k, v in losses.items()
+            )
+            where = f" (rank {self._rank})" if self._world > 1 else ""
+            raise TrainingError(f"non-finite loss at step {step}{where}: {terms}")
