@@ -1,0 +1,121 @@
+"""Experiment configuration: one validated YAML file per experiment.
+
+Each module owns the pydantic model of its section (``extra="forbid"``); this file composes them.
+An unknown or mistyped key is a :class:`~semivss.errors.ConfigError` naming the key and the file.
+Values can be overridden on the command line with ``--set section.key=value`` (value parsed as YAML).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from semivss.data.config import DataConfig
+from semivss.engine.config import OptimConfig, ScheduleConfig, TrainConfig
+from semivss.errors import ConfigError
+from semivss.inference.config import EvalConfig
+from semivss.models.config import ModelConfig
+
+
+class ExperimentConfig(BaseModel):
+    """A whole experiment: data, model, method, optimiser, schedule, training and evaluation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "experiment"
+    out_dir: Path = Path("runs/experiment")
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    # ``name`` picks the method; every other key is validated by that method's own Config.
+    method: dict[str, Any] = Field(default_factory=lambda: {"name": "supervised"})
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check_method(self) -> "ExperimentConfig":
+        from semivss.methods import METHODS
+
+        name = self.method.get("name", "supervised")
+        if name not in METHODS:
+            raise ValueError(f"method.name: unknown method {name!r}; choose one of {sorted(METHODS)}")
+        params = {k: v for k, v in self.method.items() if k != "name"}
+        try:
+            METHODS[name].Config(**params)
+        except ValidationError as exc:
+            raise ValueError(_format_errors(exc, prefix="method")) from None
+        return self
+
+    @property
+    def method_name(self) -> str:
+        return str(self.method.get("name", "supervised"))
+
+    @property
+    def method_params(self) -> dict[str, Any]:
+        return {k: v for k, v in self.method.items() if k != "name"}
+
+
+def _format_errors(exc: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        key = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'")
+        else:
+            lines.append(f"'{key}': {err['msg']}")
+    return "; ".join(lines)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: '{part}' is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def parse_config(raw: dict[str, Any], source: str = "<config>") -> ExperimentConfig:
+    """Validate a nested dict; errors name the source and every bad key."""
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        messages = []
+        for err in exc.errors():
+            if err["type"] == "value_error" and not err["loc"]:
+                messages.append(str(err["ctx"]["error"]) if "ctx" in err else err["msg"])
+        detail = "; ".join(messages) if messages else _format_errors(exc)
+        raise ConfigError(f"{source}: {detail}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a YAML experiment file, apply overrides and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    apply_overrides(raw, overrides or [])
+    return parse_config(raw, source=str(path))
+
+
+def dump_config(cfg: ExperimentConfig, path: Path) -> None:
+    """Write the resolved config next to the run's outputs (JSON-compatible YAML)."""
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

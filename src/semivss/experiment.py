@@ -1,0 +1,188 @@
+"""Glue: build an experiment from its config (data -> method -> trainer) and reload trained models.
+
+This is the only place that knows every module; each module stays ignorant of the others.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from semivss.config import ExperimentConfig, dump_config
+from semivss.data import clips, formats, splits, transforms
+from semivss.data.config import DataConfig, build_split
+from semivss.data.video import FrameRef, VideoSet
+from semivss.engine import dist
+from semivss.engine.checkpoint import load_checkpoint
+from semivss.engine.trainer import Trainer
+from semivss.errors import ConfigError, DataError
+from semivss.inference.config import EvalConfig
+from semivss.inference.evaluate import EvalResult, evaluate
+from semivss.methods import build_method
+from semivss.models import build_model
+from semivss.models.config import ModelConfig
+
+
+def load_videoset(data: DataConfig, split: str) -> VideoSet:
+    """Load one split of the configured dataset."""
+    return formats.load_dataset(data.format, data.root, split)
+
+
+def build_train_sets(cfg: ExperimentConfig, videoset: VideoSet, spec: Any) -> tuple[dict, dict]:
+    """Datasets and batch sizes the method asks for (``DataSpec``): labeled clips (+ unlabeled)."""
+    d = cfg.data
+    augment = transforms.ClipAugment(
+        crop_size=tuple(d.crop_size),
+        base_size=tuple(d.base_size) if d.base_size else None,
+        scale_range=tuple(d.scale_range),
+        hflip=d.hflip,
+    )
+    split = build_split(d, videoset)
+    sets: dict[str, torch.utils.data.Dataset] = {
+        "labeled": clips.LabeledClips(
+            videoset,
+            split.labeled,
+            augment,
+            context_frames=spec.context_frames,
+            context_offsets=tuple(spec.context_offsets),
+            context_strong=spec.context_strong,
+        )
+    }
+    sizes = {"labeled": d.batch_size}
+    if spec.unlabeled_frames > 0:
+        if not split.unlabeled:
+            raise DataError(
+                f"{d.root} ({d.train_split}): the split has no unlabeled frames, "
+                f"but method '{cfg.method_name}' needs them"
+            )
+        sets["unlabeled"] = clips.UnlabeledClips(
+            videoset,
+            split.unlabeled,
+            augment,
+            num_frames=spec.unlabeled_frames,
+            offsets=tuple(spec.unlabeled_offsets),
+            strong=spec.unlabeled_strong,
+        )
+        sizes["unlabeled"] = d.unlabeled_batch_size
+    return sets, sizes
+
+
+def make_meta(cfg: ExperimentConfig, videoset: VideoSet) -> dict[str, Any]:
+    """Everything evaluate/predict need to rebuild the model from a checkpoint alone."""
+    return {
+        "model": cfg.model.model_dump(mode="json"),
+        "num_classes": videoset.num_classes,
+        "classes": list(videoset.classes),
+        "palette": [[int(v) for v in row] for row in videoset.palette],
+        "method": cfg.method_name,
+        "eval": cfg.eval.model_dump(mode="json"),
+        "data": {"format": cfg.data.format, "root": str(cfg.data.root)},
+        "config_yaml": json.dumps(cfg.model_dump(mode="json")),
+    }
+
+
+def train(cfg: ExperimentConfig, resume: bool = False) -> dict[str, float]:
+    """Train the configured method; returns the final validation metrics."""
+    dist.init_distributed()
+    device = dist.pick_device()
+    train_set = load_videoset(cfg.data, cfg.data.train_split)
+    val_set = load_videoset(cfg.data, cfg.data.val_split) if cfg.data.val_split else None
+    method = build_method(cfg.method_name, cfg.method_params, train_set.num_classes)
+    sets, sizes = build_train_sets(cfg, train_set, method.data_spec())
+
+    def make_model() -> nn.Module:
+        return build_model(cfg.model, train_set.num_classes)
+
+    evaluate_fn = None
+    if val_set is not None:
+        val_frames = val_set.annotated()
+
+        def evaluate_fn(model: nn.Module, step: int) -> dict[str, float]:
+            result = evaluate(model, val_set, val_frames, cfg.eval, device, progress=False)
+            return result.scalars()
+
+    out_dir = Path(cfg.out_dir)
+    if dist.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out_dir / ("config.resumed.yaml" if resume else "config.yaml"))
+    trainer = Trainer(
+        method,
+        make_model,
+        sets,
+        sizes,
+        optim=cfg.optim,
+        schedule=cfg.schedule,
+        train=cfg.train,
+        out_dir=out_dir,
+        evaluate_fn=evaluate_fn,
+        metric="mIoU",
+        meta=make_meta(cfg, train_set),
+    )
+    return trainer.fit(resume=resume)
+
+
+def load_trained_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the inference model from a training checkpoint (``.pt``) or an exported
+    ``model.safetensors`` (meta stored in its header). Loads safely (no pickle execution)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), framework="pt") as fh:
+            header = fh.metadata() or {}
+        if "semivss_meta" not in header:
+            raise DataError(f"{path}: not a semivss model file (no 'semivss_meta' in its header)")
+        meta = json.loads(header["semivss_meta"])
+        state = load_file(str(path))
+    else:
+        ckpt = load_checkpoint(path)
+        meta = ckpt.get("meta") or {}
+        if "model" not in meta:
+            raise DataError(f"{path}: checkpoint has no model meta; was it written by semivss train?")
+        name = meta.get("inference_model", "model")
+        state = ckpt["models"][name]
+    model_cfg = ModelConfig(**{**meta["model"], "pretrained": None})
+    model = build_model(model_cfg, int(meta["num_classes"]))
+    model.load_state_dict(state)
+    model.to(device).eval()
+    return model, meta
+
+
+def eval_config_from(meta: dict, **overrides: Any) -> EvalConfig:
+    """The evaluation settings the model was trained with, with command-line overrides."""
+    base = dict(meta.get("eval") or {})
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return EvalConfig(**base)
+    except Exception as exc:  # pydantic ValidationError -> user-facing error
+        raise ConfigError(f"evaluation options: {exc}") from None
+
+
+def offset_frames(
+    videoset: VideoSet, data: DataConfig
+) -> tuple[list[FrameRef], dict[FrameRef, int]]:
+    """Annotated frames of a split and their signed offset to the nearest labeled frame
+    under the configured label-ratio rule (SPEC section 1)."""
+    split = build_split(data, videoset)
+    offsets = splits.nearest_labeled_offset(split, videoset)
+    frames = [f for f in videoset.annotated() if f in offsets]
+    return frames, offsets
+
+
+def evaluate_split(
+    model: nn.Module,
+    videoset: VideoSet,
+    cfg: EvalConfig,
+    device: torch.device | str,
+    offsets: dict[FrameRef, int] | None = None,
+    save_dir: Path | None = None,
+) -> EvalResult:
+    """Evaluate a model on every annotated frame of a split."""
+    return evaluate(model, videoset, videoset.annotated(), cfg, device, offsets=offsets, save_dir=save_dir)
