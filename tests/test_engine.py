@@ -28,7 +28,7 @@ from semivss.engine import (
 )
 from semivss.engine.checkpoint import capture_rng, restore_rng
 from semivss.engine.logger import CSVLog
-from semivss.engine.precision import Precision, images_channels_last
+from semivss.engine.precision import Precision, cpu_has_native_bf16, images_channels_last
 from semivss.errors import ConfigError, DataError, TrainingError
 from semivss.methods import Supervised
 
@@ -331,12 +331,14 @@ class Probe(Supervised):
 
 
 def test_bf16_channels_last_path_on_cpu(tmp_path: Path) -> None:
-    prec = Precision.from_config("auto", torch.device("cpu"))
+    prec = Precision.from_config("bf16", torch.device("cpu"))
     assert prec.dtype == torch.bfloat16 and not prec.scaler.is_enabled()
+    auto = Precision.from_config("auto", torch.device("cpu"))
+    assert auto.dtype == (torch.bfloat16 if cpu_has_native_bf16() else None)
     x = images_channels_last({"image": torch.zeros(2, 3, 4, 4), "label": torch.zeros(2, 4, 4)})
     assert x["image"].is_contiguous(memory_format=torch.channels_last)
     probe = Probe(None, NUM_CLASSES)
-    make_trainer(tmp_path / "bf16", probe, iters=2, precision="auto", channels_last=True).fit()
+    make_trainer(tmp_path / "bf16", probe, iters=2, precision="bf16", channels_last=True).fit()
     assert probe.seen == [(True, True, torch.bfloat16)] * 2
     Probe.seen = []
     probe = Probe(None, NUM_CLASSES)

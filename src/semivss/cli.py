@@ -91,32 +91,33 @@ def evaluate_cmd(
     from semivss.data.config import DataConfig, SplitConfig
     from semivss.experiment import eval_config_from, evaluate_split, load_trained_model, offset_frames
     from semivss.data import formats
-    from semivss.metrics.offset import plot_offsets
-
     dev = _device(device)
     model, meta = load_trained_model(checkpoint, dev)
     ecfg = eval_config_from(meta, mode=mode, **({"size": _size(size)} if size is not None else {}))
     out = _fresh_dir(out or checkpoint.parent.parent / f"eval-{split}", overwrite)
     videoset = formats.load_dataset(fmt, data, split)
-    result = evaluate_split(model, videoset, ecfg, dev, save_dir=out / "preds" if save_preds else None)
-    console.print(result.table(title=f"{checkpoint} on {data} [{split}]"))
+    rule = None
+    if offsets:
+        scfg = (
+            SplitConfig(mode="single", position=label_position)
+            if label_position is not None
+            else SplitConfig(mode="every_kth", k=label_every)
+        )
+        rule = DataConfig(format=fmt, root=data, split=scfg)
+    # The evaluated split is scored once; its per-frame results also feed the offset analysis.
+    eval_offsets = offset_frames(videoset, rule)[1] if rule else None
+    result = evaluate_split(
+        model, videoset, ecfg, dev, offsets=eval_offsets, save_dir=out / "preds" if save_preds else None
+    )
+    console.print(result.table(title=f"{checkpoint.name} on {data.name} [{split}]"))
     result.to_json(out / "metrics.json")
     console.print(f"metrics -> {out / 'metrics.json'}")
-    if offsets:
-        if label_position is not None:
-            scfg = SplitConfig(mode="single", position=label_position)
-        else:
-            scfg = SplitConfig(mode="every_kth", k=label_every)
-        dcfg = DataConfig(format=fmt, root=data, split=scfg)
-        tables = {}
-        subsets = [(f"train videos ({train_split})", train_split), (f"held-out videos ({split})", split)]
-        for label, name in subsets:
-            vs = videoset if name == split else formats.load_dataset(fmt, data, name)
-            frames, offs = offset_frames(vs, dcfg)
-            res = evaluate_split(model, vs, ecfg, dev, offsets=offs)
-            tables[label] = res.offsets
-        from semivss.metrics.offset import offset_table_text, save_offset_tables
+    if rule is not None:
+        from semivss.metrics.offset import offset_table_text, plot_offsets, save_offset_tables
 
+        train_set = formats.load_dataset(fmt, data, train_split)
+        train_res = evaluate_split(model, train_set, ecfg, dev, offsets=offset_frames(train_set, rule)[1])
+        tables = {f"train videos ({train_split})": train_res.offsets, f"held-out videos ({split})": result.offsets}
         console.print(offset_table_text(tables))
         save_offset_tables(tables, out / "offsets.json")
         plot_offsets(tables, out / "offsets.png", title=f"mIoU by offset from the labeled frame ({checkpoint.name})")

@@ -14,16 +14,28 @@ from torch import nn
 from semivss.errors import ConfigError
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 instructions (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype for ``train.precision`` on ``device`` (``None`` = plain fp32).
 
-    ``auto``: bf16 on CPU; on CUDA bf16 when supported, else fp16; fp32 elsewhere (e.g. MPS).
+    ``auto``: on CPU bf16 only where the CPU computes bf16 natively (AVX512-BF16 or AMX; measured on
+    an AVX512 Xeon without them, bf16 autocast trained 0.65x as fast as fp32), else fp32; on CUDA bf16
+    when supported, else fp16; fp32 elsewhere (e.g. MPS).
     """
     if precision == "fp32":
         return None
     if precision == "auto":
         if device.type == "cpu":
-            return torch.bfloat16
+            return torch.bfloat16 if cpu_has_native_bf16() else None
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return None

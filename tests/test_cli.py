@@ -1,0 +1,101 @@
+"""End to end through the command line on a tiny synthetic set: synth -> train -> evaluate
+(with the offset analysis) -> predict; user errors exit with code 2 and a message naming the cause."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from semivss.cli import app, main
+
+runner = CliRunner()
+
+
+def _invoke(args: list[str]):
+    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("e2e")
+    data = root / "synth"
+    _invoke(["data", "synth", data, "--videos", "4", "--frames", "10", "--height", "48", "--width", "64", "--seed", "3"])
+    cfg = {
+        "name": "tiny",
+        "out_dir": str(root / "run"),
+        "data": {
+            "format": "synthetic", "root": str(data), "split": {"mode": "single", "position": 4},
+            "base_size": [48, 64], "crop_size": [48, 48], "batch_size": 2, "num_workers": 0,
+        },
+        "model": {"backbone": "mobilenet_v2", "pretrained": None},
+        "optim": {"lr": 0.01},
+        "schedule": {"iters": 4},
+        "train": {"log_interval": 2, "eval_interval": 2, "ckpt_interval": 2, "precision": "fp32"},
+        "eval": {"size": [48, 64]},
+    }
+    cfg_path = root / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    _invoke(["train", cfg_path])
+    return {"root": root, "data": data, "run": root / "run", "cfg": cfg_path}
+
+
+def test_train_outputs(tiny) -> None:
+    run = tiny["run"]
+    for name in ("config.yaml", "metrics.csv", "model.safetensors", "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (run / name).exists(), name
+
+
+def test_evaluate_with_offsets(tiny) -> None:
+    out = tiny["root"] / "eval"
+    _invoke(["evaluate", tiny["run"] / "checkpoints/best.pt", "--data", tiny["data"], "--format", "synthetic",
+             "--split", "val", "--offsets", "--label-position", "4", "--out", out, "--save-preds"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    text = json.dumps(metrics)
+    for key in ("mIoU", "fwIoU", "pixel_acc", "VC8"):
+        assert key in text
+    assert (out / "offsets.png").stat().st_size > 1000
+    offsets = json.loads((out / "offsets.json").read_text())
+    assert "0" in json.dumps(offsets)
+    preds = sorted((out / "preds").rglob("*.png"))
+    assert preds, "no prediction PNGs"
+    pred = np.asarray(Image.open(preds[0]))
+    assert pred.shape == (48, 64) and pred.max() < 8
+    # A second run into the same folder must not clobber it.
+    again = runner.invoke(app, ["evaluate", str(tiny["run"] / "model.safetensors"), "--data", str(tiny["data"]),
+                                "--format", "synthetic", "--out", str(out)])
+    assert again.exit_code != 0 and "exists" in str(again.exception)
+
+
+def test_predict_folder_writes_pngs_overlays_and_mp4(tiny) -> None:
+    video = (tiny["data"] / "val.txt").read_text().split()[0]
+    out = tiny["root"] / "pred"
+    _invoke(["predict", tiny["run"] / "model.safetensors", tiny["data"] / "videos" / video, out])
+    assert len(list((out / "labels").glob("*.png"))) == 10
+    assert len(list((out / "overlays").glob("*"))) == 10
+    assert (out / "overlay.mp4").stat().st_size > 0
+
+
+def test_user_errors_exit_2_with_named_key(tiny, tmp_path, monkeypatch, capsys) -> None:
+    bad = yaml.safe_load(tiny["cfg"].read_text())
+    bad["train"]["learning_rate"] = 1
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    monkeypatch.setattr("sys.argv", ["semivss", "train", str(path)])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 2
+    assert "train.learning_rate" in capsys.readouterr().out
+
+
+def test_fresh_train_refuses_used_out_dir(tiny) -> None:
+    result = runner.invoke(app, ["train", str(tiny["cfg"])])
+    assert result.exit_code != 0
+    assert "resume" in str(result.exception)
