@@ -32,6 +32,21 @@ def _as_tensor(x: ArrayLike, name: str) -> torch.Tensor:
     return t
 
 
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a CPU tensor over ``torch.distributed`` ranks (returned on CPU; no-op when not
+    initialised). NCCL needs the buffer on the current CUDA device, gloo on the CPU."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    buf = values.to(device)
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    return buf.cpu()
+
+
 class ConfusionMatrix:
     """Streaming confusion matrix of ``num_classes`` classes (SPEC section 3).
 
@@ -131,16 +146,7 @@ class ConfusionMatrix:
 
     def all_reduce(self) -> ConfusionMatrix:
         """Sum the counts over all ``torch.distributed`` ranks (no-op when not initialised)."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return self
-        device = torch.device("cpu")
-        if dist.get_backend() == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
-        buf = self._mat.to(device)
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-        self._mat = buf.to("cpu")
+        self._mat = all_reduce_sum(self._mat)
         return self
 
     # ------------------------------------------------------------------ views

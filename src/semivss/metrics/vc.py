@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from semivss.errors import DataError
+from semivss.metrics.confusion import all_reduce_sum
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -162,22 +163,14 @@ class VideoConsistency:
 
     def all_reduce(self) -> VideoConsistency:
         """Sum window scores and counts over ``torch.distributed`` ranks (videos split by rank)."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return self
-        device = torch.device("cpu")
-        if dist.get_backend() == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
         k = len(self.ns)
         buf = torch.tensor(
             [self._sum[n] for n in self.ns]
             + [float(self._count[n]) for n in self.ns]
             + [float(self._nan[n]) for n in self.ns],
             dtype=torch.float64,
-            device=device,
         )
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        buf = all_reduce_sum(buf)
         vals = buf.cpu().tolist()
         for j, n in enumerate(self.ns):
             self._sum[n] = vals[j]
