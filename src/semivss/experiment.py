@@ -66,6 +66,7 @@ def build_train_sets(cfg: ExperimentConfig, videoset: VideoSet, spec: Any) -> tu
             num_frames=spec.unlabeled_frames,
             offsets=tuple(spec.unlabeled_offsets),
             strong=spec.unlabeled_strong,
+            strong_copies=spec.unlabeled_strong_copies,
         )
         sizes["unlabeled"] = d.unlabeled_batch_size
     return sets, sizes

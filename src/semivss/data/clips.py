@@ -156,7 +156,9 @@ class UnlabeledClips(Dataset[dict[str, torch.Tensor]]):
     """Anchor frame + N-1 other frames of its video within `offsets`, same geometry.
 
     Returns `image (N,3,H,W)`, `offset (N,) int64` (anchor first, offset 0) and, with `strong`,
-    `strong (N,3,H,W)` strong photometric copies. Labels are never read.
+    `strong (N,3,H,W)` strong photometric copies; `strong_copies=k > 1` adds independently
+    distorted copies `strong2`, ..., `strong{k}` (UniMatch's two strong views; the draws of
+    `strong` are unchanged). Labels are never read.
     """
 
     def __init__(
@@ -168,11 +170,15 @@ class UnlabeledClips(Dataset[dict[str, torch.Tensor]]):
         offsets: tuple[int, int] = (-29, 29),
         strong: bool = False,
         split_name: str = "unlabeled",
+        strong_copies: int = 1,
     ) -> None:
         if not frames:
             raise DataError(f"{split_name} split of video set {videoset.name!r} is empty: no unlabeled frames")
         if num_frames < 1:
             raise ConfigError(f"num_frames must be >= 1, got {num_frames}")
+        if strong_copies < 1:
+            raise ConfigError(f"strong_copies must be >= 1, got {strong_copies}")
+        self.strong_copies = strong_copies
         self.videoset = videoset
         self.frames = _check_refs(videoset, frames, split_name, need_label=False)
         self.augment = augment
@@ -199,7 +205,9 @@ class UnlabeledClips(Dataset[dict[str, torch.Tensor]]):
             "offset": torch.tensor([0] + [q - pos for q in others], dtype=torch.int64),
         }
         if self.use_strong:
-            out["strong"] = torch.stack([to_tensor(self.strong(im, int(rng.integers(_U32)))) for im in imgs])
+            for n in range(1, self.strong_copies + 1):
+                key = "strong" if n == 1 else f"strong{n}"
+                out[key] = torch.stack([to_tensor(self.strong(im, int(rng.integers(_U32)))) for im in imgs])
         return out
 
 

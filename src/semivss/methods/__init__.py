@@ -7,9 +7,19 @@ from typing import Any
 
 from semivss.errors import ConfigError
 from semivss.methods.base import DataSpec, Method, seg_ce_loss, unwrap
+from semivss.methods.cps import CPS
+from semivss.methods.ifr import IFR
 from semivss.methods.supervised import Supervised
+from semivss.methods.u2pl import U2PL
+from semivss.methods.unimatch import UniMatch
 
-METHODS: dict[str, type[Method]] = {"supervised": Supervised}
+METHODS: dict[str, type[Method]] = {
+    "supervised": Supervised,
+    "ifr": IFR,
+    "u2pl": U2PL,
+    "cps": CPS,
+    "unimatch": UniMatch,
+}
 
 
 def build_method(
@@ -30,4 +40,4 @@ def build_method(
     return cls(cfg, num_classes=num_classes, ignore_index=ignore_index)
 
 
-__all__ = ["METHODS", "DataSpec", "Method", "Supervised", "build_method", "seg_ce_loss", "unwrap"]
+__all__ = ["CPS", "IFR", "METHODS", "DataSpec", "Method", "Supervised", "U2PL", "UniMatch", "build_method", "seg_ce_loss", "unwrap"]

@@ -22,7 +22,9 @@ class DataSpec:
     ``context_frames`` (K) other frames of the labeled frame's video at signed offsets drawn from
     ``context_offsets`` (inclusive), with photometrically distorted copies if ``context_strong``;
     ``unlabeled_frames`` (N) frames per unlabeled sample (0 = no unlabeled batch), offsets from
-    ``unlabeled_offsets``, strong copies if ``unlabeled_strong``.
+    ``unlabeled_offsets``, strong copies if ``unlabeled_strong``; ``unlabeled_strong_copies`` > 1
+    adds independently distorted copies under ``strong2``, ``strong3``, ... (UniMatch's two
+    strong views).
     """
 
     context_frames: int = 0
@@ -31,11 +33,16 @@ class DataSpec:
     unlabeled_frames: int = 0
     unlabeled_offsets: tuple[int, int] = (-29, 29)
     unlabeled_strong: bool = False
+    unlabeled_strong_copies: int = 1
 
     def __post_init__(self) -> None:
         for key in ("context_frames", "unlabeled_frames"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"DataSpec.{key} must be >= 0, got {getattr(self, key)}")
+        if self.unlabeled_strong_copies < 1:
+            raise ConfigError(
+                f"DataSpec.unlabeled_strong_copies must be >= 1, got {self.unlabeled_strong_copies}"
+            )
         for key in ("context_offsets", "unlabeled_offsets"):
             lo, hi = getattr(self, key)
             if lo > hi:

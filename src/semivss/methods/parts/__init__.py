@@ -1,0 +1,42 @@
+"""Reusable parts of online pseudo-label methods: EMA teacher, CutMix, entropy-based reliability,
+per-class memory bank and the U2PL contrastive loss (SPEC 2.3, 2.4)."""
+
+from semivss.methods.parts.contrastive import class_ranks, u2pl_contrastive_loss, u2pl_negative_masks
+from semivss.methods.parts.cutmix import (
+    apply_cutmix,
+    batch_cutmix_boxes,
+    box_mix_mask,
+    cutmix_box,
+    roll_permutation,
+    step_generator,
+)
+from semivss.methods.parts.ema import EMATeacher, ema_decay, ema_update, make_teacher
+from semivss.methods.parts.memory_bank import ClassMemoryBank, gather_rows
+from semivss.methods.parts.reliability import (
+    alpha_schedule,
+    entropy,
+    entropy_rank_mask,
+    reliability_split,
+)
+
+__all__ = [
+    "ClassMemoryBank",
+    "EMATeacher",
+    "alpha_schedule",
+    "apply_cutmix",
+    "batch_cutmix_boxes",
+    "box_mix_mask",
+    "class_ranks",
+    "cutmix_box",
+    "ema_decay",
+    "ema_update",
+    "entropy",
+    "entropy_rank_mask",
+    "gather_rows",
+    "make_teacher",
+    "reliability_split",
+    "roll_permutation",
+    "step_generator",
+    "u2pl_contrastive_loss",
+    "u2pl_negative_masks",
+]

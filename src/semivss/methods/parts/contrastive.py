@@ -1,0 +1,150 @@
+"""U2PL contrastive loss with unreliable pseudo-labels as negatives (SPEC 2.3; Wang et al., CVPR
+2022, Eq. 8-9; official ``compute_contra_memobank_loss``), with the two official bugs fixed:
+
+- negatives for class c are pixels whose (pseudo-)label is NOT c (the official code demands
+  ``label == c`` and ``label != c`` at once, so labeled negatives are empty; issue #171);
+- anchors and prototypes are looked up by class id, not by the loop counter over the classes
+  present in the batch (issue #111).
+
+For each class c present among the anchor candidates:
+- anchors: student features of anchor-candidate pixels (labeled: every valid pixel; unlabeled: the
+  lowest-entropy ones) labeled c with teacher probability p_c > ``anchor_threshold``;
+- positive: the prototype, mean teacher feature of the anchor-candidate pixels labeled c;
+- negatives: ``num_negatives`` features per anchor from the class-c memory bank, which receives
+  the teacher features of negative-candidate pixels (labeled: every valid pixel; unlabeled: the
+  unreliable ones) not labeled c for which c is unlikely: rank of c in the teacher's sorted
+  probabilities in ``[low_rank, high_rank)`` for unlabeled pixels, ``< low_rank`` for labeled ones.
+Loss = mean over the present classes of InfoNCE(cos(anchor, [positive, negatives]) / T, index 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from semivss.methods.parts.memory_bank import ClassMemoryBank, gather_rows
+
+__all__ = ["class_ranks", "u2pl_contrastive_loss", "u2pl_negative_masks"]
+
+
+def class_ranks(prob: Tensor) -> Tensor:
+    """Rank (0 = most probable) of every class at every pixel: ``(B,C,h,w)`` int64."""
+    order = prob.argsort(dim=1, descending=True)
+    ranks = torch.empty_like(order)
+    c = prob.shape[1]
+    src = torch.arange(c, device=prob.device).view(1, c, 1, 1).expand_as(order)
+    ranks.scatter_(1, order, src)
+    return ranks
+
+
+def u2pl_negative_masks(
+    prob: Tensor,
+    label: Tensor,
+    candidate: Tensor,
+    is_labeled: Tensor,
+    low_rank: int = 3,
+    high_rank: int = 20,
+    ignore_index: int = 255,
+) -> Tensor:
+    """``(B,C,h,w)`` bool: pixel (b, y, x) is a negative for class c (see module docstring).
+
+    ``prob`` (B,C,h,w) teacher probabilities; ``label`` (B,h,w) ground truth (labeled samples) or
+    pseudo-label; ``candidate`` (B,h,w) bool negative candidates; ``is_labeled`` (B,) bool.
+    """
+    b, c = prob.shape[:2]
+    ranks = class_ranks(prob)
+    unlikely = (ranks >= low_rank) & (ranks < high_rank)
+    confusable = ranks < low_rank
+    labeled = is_labeled.to(prob.device).bool().view(b, 1, 1, 1)
+    cond = torch.where(labeled, confusable, unlikely)
+    classes = torch.arange(c, device=prob.device).view(1, c, 1, 1)
+    not_c = label.unsqueeze(1) != classes  # the fix of issue #171
+    valid = (candidate.bool() & (label != ignore_index)).unsqueeze(1)
+    return cond & not_c & valid
+
+
+def u2pl_contrastive_loss(
+    rep: Tensor,
+    rep_teacher: Tensor,
+    prob: Tensor,
+    label: Tensor,
+    anchor_mask: Tensor,
+    negative_mask: Tensor,
+    is_labeled: Tensor,
+    bank: ClassMemoryBank,
+    *,
+    num_anchors: int = 256,
+    num_negatives: int = 50,
+    temperature: float = 0.5,
+    anchor_threshold: float = 0.3,
+    low_rank: int = 3,
+    high_rank: int = 20,
+    ignore_index: int = 255,
+    generator: torch.Generator | None = None,
+    gather: Callable[[Tensor], Tensor] = gather_rows,
+) -> Tensor:
+    """U2PL contrastive loss (module docstring); pushes this batch's negatives into ``bank`` first.
+
+    ``rep`` (B,D,h,w) student features (with gradient), ``rep_teacher`` (B,D,h,w), ``prob``
+    (B,C,h,w) teacher probabilities, ``label`` (B,h,w) int (255 = ignore), ``anchor_mask`` /
+    ``negative_mask`` (B,h,w) bool candidates, ``is_labeled`` (B,) bool, all at one resolution.
+    Random anchor / negative indices come from ``generator``; ``gather`` collects the new
+    negatives of all DDP ranks. Fewer than two present classes give ``0 * rep.sum()`` (official).
+    """
+    b, d, h, w = rep.shape
+    c = prob.shape[1]
+    for name, t in (("rep_teacher", rep_teacher), ("prob", prob)):
+        if t.shape[0] != b or tuple(t.shape[-2:]) != (h, w):
+            raise ValueError(f"{name} of shape {tuple(t.shape)} does not match rep {tuple(rep.shape)}")
+    for name, t in (("label", label), ("anchor_mask", anchor_mask), ("negative_mask", negative_mask)):
+        if tuple(t.shape) != (b, h, w):
+            raise ValueError(f"{name} must have shape {(b, h, w)}, got {tuple(t.shape)}")
+
+    prob = prob.detach().float()
+    feats = rep.permute(0, 2, 3, 1)  # (B,h,w,D)
+    feats_t = rep_teacher.detach().float().permute(0, 2, 3, 1)
+
+    # 1. enqueue this batch's negatives (teacher features), gathered over ranks
+    neg = u2pl_negative_masks(prob, label, negative_mask, is_labeled, low_rank, high_rank, ignore_index)
+    keys = [feats_t[neg[:, k]] for k in range(c)]
+    key_cls = torch.cat([torch.full((len(x),), k, dtype=torch.long, device=prob.device) for k, x in enumerate(keys)])
+    all_keys = gather(torch.cat(keys))
+    all_cls = gather(key_cls)
+    for k in range(c):
+        bank.push(k, all_keys[all_cls == k])
+
+    # 2. prototypes and anchor candidates of the classes present (indexed by class id: issue #111)
+    valid_anchor = anchor_mask.bool() & (label != ignore_index)
+    present: list[int] = []
+    protos: dict[int, Tensor] = {}
+    anchors: dict[int, Tensor] = {}
+    for k in range(c):
+        seg = valid_anchor & (label == k)
+        if not bool(seg.any()):
+            continue
+        present.append(k)
+        protos[k] = feats_t[seg].mean(0)
+        anchors[k] = feats[seg & (prob[:, k] > anchor_threshold)]
+    if len(present) <= 1:
+        return rep.sum() * 0.0
+
+    # 3. InfoNCE per present class: positive at index 0, negatives from the bank
+    loss = rep.sum() * 0.0
+    target = torch.zeros(num_anchors, dtype=torch.long, device=rep.device)
+    for k in present:
+        cand = anchors[k]
+        if cand.shape[0] == 0 or bank.count(k) == 0:
+            continue
+        idx = torch.randint(cand.shape[0], (num_anchors,), generator=generator).to(cand.device)
+        anchor = cand[idx].float()  # (A, D)
+        with torch.no_grad():
+            negs = bank.sample(k, num_anchors * num_negatives, generator).to(rep.device)
+            negs = negs.view(num_anchors, num_negatives, d)
+            pos = protos[k].view(1, 1, d).expand(num_anchors, 1, d)
+            keys_k = torch.cat([pos, negs], dim=1)  # (A, 1 + N, D)
+        logits = F.cosine_similarity(anchor.unsqueeze(1), keys_k, dim=2) / temperature
+        loss = loss + F.cross_entropy(logits, target)
+    return loss / len(present)

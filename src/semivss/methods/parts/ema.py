@@ -1,0 +1,74 @@
+"""Exponential-moving-average teacher (SPEC 2.3; U2PL ``train_semi.py``, Mean Teacher).
+
+The teacher is a frozen copy of the student. After every optimiser step its parameters follow
+``t <- d * t + (1 - d) * s`` with ``d = min(1 - 1 / (step + 1), max_decay)`` (``step`` counted from
+0, so the first update copies the student); buffers (BatchNorm running statistics) are copied.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["EMATeacher", "ema_decay", "ema_update", "make_teacher"]
+
+
+def ema_decay(step: int, max_decay: float = 0.99) -> float:
+    """``min(1 - 1 / (step + 1), max_decay)`` (U2PL's ramped EMA decay, SPEC 2.3)."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return min(1.0 - 1.0 / (step + 1), max_decay)
+
+
+def make_teacher(student: nn.Module) -> nn.Module:
+    """A deep copy of ``student`` whose parameters do not require gradients."""
+    teacher = copy.deepcopy(student)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, step: int, max_decay: float = 0.99) -> float:
+    """Update ``teacher`` in place from ``student`` (same architecture); returns the decay used.
+
+    Parameters: ``t = d * t + (1 - d) * s`` with ``d = ema_decay(step, max_decay)``; buffers are
+    copied from the student. Parameters and buffers are matched by name.
+    """
+    decay = ema_decay(step, max_decay)
+    s_params = dict(student.named_parameters())
+    t_params = dict(teacher.named_parameters())
+    if s_params.keys() != t_params.keys():
+        missing = sorted(set(s_params) ^ set(t_params))[:5]
+        raise ValueError(f"teacher and student parameters differ (e.g. {missing})")
+    for name, t in t_params.items():
+        s = s_params[name].detach()
+        t.mul_(decay).add_(s.to(t.dtype), alpha=1.0 - decay)
+    s_bufs = dict(student.named_buffers())
+    for name, buf in teacher.named_buffers():
+        if name not in s_bufs:
+            raise ValueError(f"teacher buffer {name!r} has no counterpart in the student")
+        buf.copy_(s_bufs[name])
+    return decay
+
+
+@dataclass(frozen=True)
+class EMATeacher:
+    """Convenience wrapper: ``EMATeacher(0.99).create(student)`` then ``.update(t, s, step)``."""
+
+    max_decay: float = 0.99
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_decay <= 1.0:
+            raise ValueError(f"max_decay must be in [0, 1], got {self.max_decay}")
+
+    def create(self, student: nn.Module) -> nn.Module:
+        """Frozen copy of ``student`` (see :func:`make_teacher`)."""
+        return make_teacher(student)
+
+    def update(self, teacher: nn.Module, student: nn.Module, step: int) -> float:
+        """EMA step (see :func:`ema_update`); returns the decay used."""
+        return ema_update(teacher, student, step, self.max_decay)

@@ -1,0 +1,272 @@
+"""U2PL — semi-supervised semantic segmentation using unreliable pseudo-labels (Wang et al.,
+CVPR 2022; SPEC 2.3; official code Haochen-Wang409/U2PL ``train_semi.py``).
+
+One iteration (labeled batch x_l, y_l; unlabeled batch x_u, first frame of each clip):
+1. Pseudo-labels: EMA teacher in eval mode on the weakly augmented x_u (softmax of the logits
+   upsampled to the crop): argmax and confidence.
+2. Strong view: with probability ``cutmix_p`` per batch (official: one coin per batch) every
+   unlabeled image gets ONE box of ``cutmix_area`` x its area from its partner (i + 1) % B; the
+   pseudo-label and confidence are mixed with the same box.
+3. Student on cat(x_l, strong x_u): supervised CE on x_l.
+4. Teacher in train mode (no gradient, as the official code) on the same batch: its
+   probabilities (rank of each class, p > 0.3 test), representation features, and the per-pixel
+   entropy of its upsampled prediction on the unlabeled part. With alpha_t = alpha0 (1 - t/T)
+   the alpha_t % highest-entropy unlabeled pixels are unreliable, the alpha_t % lowest are the
+   anchor candidates (exact shares, :mod:`semivss.methods.parts.reliability`).
+5. Unsupervised CE on reliable pixels only (mean over them) x (all pixels / reliable pixels).
+6. Contrastive loss (:func:`~semivss.methods.parts.contrastive.u2pl_contrastive_loss`, both
+   official bugs fixed) on features at the representation stride; labels and masks are
+   downsampled with nearest neighbour as in the official code.
+L = L_sup + unsup_weight L_unsup + contrastive_weight L_contra (0.1, the paper's value).
+After each optimiser step the teacher follows the student by EMA (parameters; buffers copied).
+``sup_only_iters`` (official ``sup_only_epoch``: 0 in the Cityscapes config, 1 epoch by default)
+trains on labeled frames only for that many iterations; the teacher is then reset to the student
+and the EMA ramp starts again.
+
+Differences from the official code: plain CE instead of OHEM for the supervised term; EMA also
+copies BatchNorm buffers; the same 30,000-feature queue size for every class (official: 50,000
+for class 0); bilinear upsampling with ``align_corners=False`` throughout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor, nn
+
+from semivss.errors import ConfigError
+from semivss.methods.base import DataSpec, Method, seg_ce_loss, unwrap
+from semivss.methods.parts import (
+    ClassMemoryBank,
+    alpha_schedule,
+    apply_cutmix,
+    batch_cutmix_boxes,
+    ema_update,
+    entropy,
+    entropy_rank_mask,
+    make_teacher,
+    reliability_split,
+    roll_permutation,
+    step_generator,
+    u2pl_contrastive_loss,
+)
+
+__all__ = ["U2PL"]
+
+_REP_HEAD_MSG = (
+    "method 'u2pl' needs a model with a representation head: set model.rep_head: true "
+    "(with model.arch: deeplabv3plus)"
+)
+
+
+def _nearest(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Nearest-neighbour resize of a (B,H,W) integer / boolean map (F.interpolate 'nearest')."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    y = F.interpolate(x[:, None].float(), size=size, mode="nearest")[:, 0]
+    return y.bool() if x.dtype == torch.bool else y.to(x.dtype)
+
+
+def _upsample(logits: Tensor, size: tuple[int, int]) -> Tensor:
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+class U2PL(Method):
+    """Student + EMA teacher; reliable-pixel CE and contrastive loss with unreliable negatives."""
+
+    name: ClassVar[str] = "u2pl"
+
+    class Config(BaseModel):
+        """``method:`` parameters of U2PL (defaults: SPEC 2.3 / the official Cityscapes config)."""
+
+        model_config = ConfigDict(extra="forbid")
+
+        unsup_weight: float = Field(1.0, ge=0.0)
+        contrastive_weight: float = Field(0.1, ge=0.0)
+        ema_decay: float = Field(0.99, ge=0.0, le=1.0)
+        alpha0: float = Field(20.0, ge=0.0, le=100.0)
+        cutmix_p: float = Field(0.5, ge=0.0, le=1.0)
+        cutmix_area: float = Field(0.5, gt=0.0, le=1.0)
+        num_anchors: int = Field(256, ge=1)
+        num_negatives: int = Field(50, ge=1)
+        temperature: float = Field(0.5, gt=0.0)
+        anchor_threshold: float = Field(0.3, ge=0.0, le=1.0)
+        low_rank: int = Field(3, ge=1)
+        high_rank: int = Field(20, ge=2)
+        memory_size: int = Field(30000, ge=1)
+        eval_teacher: bool = True
+        sup_only_iters: int = Field(0, ge=0)
+
+        @model_validator(mode="after")
+        def _ranks(self) -> U2PL.Config:
+            if self.low_rank >= self.high_rank:
+                raise ValueError(
+                    f"low_rank ({self.low_rank}) must be smaller than high_rank ({self.high_rank})"
+                )
+            return self
+
+    cfg: Config
+
+    def __init__(
+        self, cfg: BaseModel | Mapping[str, Any] | None, num_classes: int, ignore_index: int = 255
+    ) -> None:
+        super().__init__(cfg, num_classes, ignore_index)
+        self.bank = ClassMemoryBank(num_classes, None, self.cfg.memory_size)
+
+    def data_spec(self) -> DataSpec:
+        """One unlabeled frame per sample (every unlabeled frame of the training videos)."""
+        return DataSpec(unlabeled_frames=1)
+
+    def build_models(self, make_model: Callable[[], nn.Module]) -> nn.ModuleDict:
+        """``model`` (student, trained) and ``teacher`` (its frozen EMA copy)."""
+        student = make_model()
+        if getattr(student, "has_rep_head", True) is False:
+            raise ConfigError(_REP_HEAD_MSG)
+        return nn.ModuleDict({"model": student, "teacher": make_teacher(student)})
+
+    def trainable(self, models: nn.ModuleDict) -> list[str]:
+        return ["model"]
+
+    def training_step(
+        self, models: nn.ModuleDict, batch: dict[str, Any], step: int, max_steps: int
+    ) -> dict[str, Tensor]:
+        cfg = self.cfg
+        student, teacher = models["model"], unwrap(models["teacher"])
+        x_l, y_l = batch["labeled"]["image"], batch["labeled"]["label"]
+        if step < cfg.sup_only_iters:  # official ``sup_only_epoch`` warm-up
+            out = student(x_l)
+            loss_sup = seg_ce_loss(out["logits"], y_l, self.ignore_index)
+            zero = loss_sup.detach() * 0.0
+            unused = out["rep"].sum() * 0.0 if "rep" in out else zero  # every parameter in the graph (DDP)
+            return {"loss": loss_sup + unused, "loss_sup": loss_sup.detach(), "loss_unsup": zero,
+                    "loss_contra": zero, "reliable_ratio": zero}
+        if cfg.sup_only_iters > 0 and step == cfg.sup_only_iters:  # teacher := warmed-up student
+            ema_update(teacher, unwrap(student), 0)
+        x_u = batch["unlabeled"]["image"][:, 0]
+        n_l, n_u = x_l.shape[0], x_u.shape[0]
+        size = (int(x_u.shape[-2]), int(x_u.shape[-1]))
+        gen = step_generator()
+
+        # 1-2. pseudo-labels from the eval-mode teacher on the weak view; CutMix strong view
+        with torch.no_grad():
+            teacher.eval()
+            prob_w = torch.softmax(_upsample(teacher(x_u)["logits"].float(), size), dim=1)
+            conf, pseudo = prob_w.max(dim=1)
+            x_s = x_u
+            if float(torch.rand((), generator=gen)) < cfg.cutmix_p:
+                box = batch_cutmix_boxes(n_u, *size, p=1.0, area=cfg.cutmix_area, generator=gen,
+                                         device=x_u.device)
+                mixed = apply_cutmix(x_u, pseudo, conf, box, roll_permutation(n_u, x_u.device))
+                x_s, pseudo, conf = mixed  # type: ignore[assignment]
+
+        # 3. student on labeled + strong unlabeled
+        x_all = torch.cat([x_l, x_s])
+        out = student(x_all)
+        if "rep" not in out:
+            raise ConfigError(_REP_HEAD_MSG)
+        logits, rep = out["logits"], out["rep"]
+        loss_sup = seg_ce_loss(logits[:n_l], y_l, self.ignore_index)
+
+        # 4. teacher (train mode, no gradient) on the same batch; entropy-based split
+        with torch.no_grad():
+            teacher.train()
+            out_t = teacher(x_all)
+            teacher.eval()
+            logits_t = out_t["logits"].float()
+            ent = entropy(torch.softmax(_upsample(logits_t[n_l:], size), dim=1))
+            alpha = alpha_schedule(step, max_steps, cfg.alpha0)
+            reliable, unreliable = reliability_split(ent, alpha)
+            n_reliable = reliable.sum()
+
+        # 5. CE on reliable pixels x (all pixels / reliable pixels)
+        target = pseudo.masked_fill(~reliable, self.ignore_index)
+        scale = float(target.numel()) / n_reliable.clamp(min=1).float()
+        loss_unsup = seg_ce_loss(logits[n_l:], target, self.ignore_index) * scale
+
+        # 6. contrastive loss with unreliable negatives
+        if cfg.contrastive_weight > 0:
+            loss_con = self._contrastive(
+                rep, out_t, logits_t, y_l, pseudo, ent, unreliable, alpha, n_l, gen
+            )
+        else:
+            loss_con = rep.sum() * 0.0
+
+        loss = loss_sup + cfg.unsup_weight * loss_unsup + cfg.contrastive_weight * loss_con
+        return {
+            "loss": loss,
+            "loss_sup": loss_sup.detach(),
+            "loss_unsup": loss_unsup.detach(),
+            "loss_contra": loss_con.detach(),
+            "reliable_ratio": (n_reliable.float() / max(target.numel(), 1)).detach(),
+        }
+
+    def _contrastive(
+        self,
+        rep: Tensor,
+        out_t: dict[str, Tensor],
+        logits_t: Tensor,
+        y_l: Tensor,
+        pseudo: Tensor,
+        ent: Tensor,
+        unreliable: Tensor,
+        alpha: float,
+        n_l: int,
+        gen: torch.Generator,
+    ) -> Tensor:
+        cfg = self.cfg
+        if "rep" not in out_t:
+            raise ConfigError(_REP_HEAD_MSG)
+        small = (int(rep.shape[-2]), int(rep.shape[-1]))
+        with torch.no_grad():
+            low = entropy_rank_mask(ent, alpha, highest=False)
+            label = torch.cat([_nearest(y_l, small), _nearest(pseudo, small)])
+            ones_l = torch.ones((n_l, *small), dtype=torch.bool, device=rep.device)
+            anchor_mask = torch.cat([ones_l, _nearest(low, small)])
+            negative_mask = torch.cat([ones_l, _nearest(unreliable, small)])
+            prob_t = torch.softmax(logits_t, dim=1)
+            if tuple(prob_t.shape[-2:]) != small:
+                prob_t = F.interpolate(prob_t, size=small, mode="bilinear", align_corners=False)
+            is_labeled = torch.arange(label.shape[0], device=rep.device) < n_l
+        return u2pl_contrastive_loss(
+            rep,
+            out_t["rep"],
+            prob_t,
+            label,
+            anchor_mask,
+            negative_mask,
+            is_labeled,
+            self.bank,
+            num_anchors=cfg.num_anchors,
+            num_negatives=cfg.num_negatives,
+            temperature=cfg.temperature,
+            anchor_threshold=cfg.anchor_threshold,
+            low_rank=cfg.low_rank,
+            high_rank=cfg.high_rank,
+            ignore_index=self.ignore_index,
+            generator=gen,
+        )
+
+    def on_step_end(self, models: nn.ModuleDict, step: int) -> None:
+        """EMA update of the teacher, decay min(1 - 1/(t+1), ema_decay) with t counted from the
+        end of the supervised-only warm-up (none during the warm-up)."""
+        t = step - self.cfg.sup_only_iters
+        if t >= 0:
+            ema_update(unwrap(models["teacher"]), unwrap(models["model"]), t, self.cfg.ema_decay)
+
+    def inference_model(self, models: nn.ModuleDict) -> nn.Module:
+        """The EMA teacher (what the official code evaluates) unless ``eval_teacher: false``."""
+        return unwrap(models["teacher"] if self.cfg.eval_teacher else models["model"])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The memory bank (needed for an exact resume)."""
+        return {"bank": self.bank.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "bank" in state:
+            self.bank.load_state_dict(state["bank"], where="checkpoint method state 'bank'")

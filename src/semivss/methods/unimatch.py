@@ -1,0 +1,187 @@
+"""UniMatch (V1) — weak-to-strong consistency with a feature-perturbation stream and two strong
+views (Yang et al., CVPR 2023; SPEC 2.4; official code LiheYoung/UniMatch ``unimatch.py``).
+
+One network, no EMA teacher. Per iteration, with the weak view x_w and two strong views s1, s2
+(independent photometric distortions, ``batch["unlabeled"]["strong"]`` / ``["strong2"]``) of each
+unlabeled frame:
+- s1 and s2 each get their own CutMix box (p = 0.5, area U[0.02, 0.4], aspect ratio
+  U[0.3, 1/0.3]) pasted from the partner sample (i + 1) % B of the same view;
+- one forward of cat(x_l, x_w) whose encoder features (both the low- and the high-level map) of
+  the unlabeled part are duplicated with ``Dropout2d(0.5)``: the decoder returns clean logits for
+  x_l, x_w and the feature-perturbed logits of x_w (official ``need_fp`` path);
+- pseudo-label / confidence = argmax / max softmax of the (detached) weak prediction, mixed with
+  each strong view's box (the partner's own weak prediction inside the box);
+- CE of each stream against its pseudo-label on pixels with confidence >= ``conf_thresh``,
+  summed and divided by the number of pixels;
+    L = (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2   (official weights).
+
+Feature dropout is injected with a temporary forward hook on the model's public ``encoder``
+submodule (the SegModel contract: ``encoder(x) -> (low, high)``, then ``decoder`` and
+``classifier``), so the forward still runs through the (possibly DDP-wrapped) model.
+
+Differences from the official code: the CutMix partner is another sample of the same batch and
+its pseudo-label comes from the same (train-mode) forward, instead of a second unlabeled batch
+predicted in eval mode; only the unlabeled part is decoded twice (the official code also decodes
+perturbed labeled features and discards them); unlabeled crops carry no padding mask, so padded
+pixels are not excluded; plain CE instead of OHEM for the supervised term.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import Tensor, nn
+
+from semivss.errors import ConfigError
+from semivss.methods.base import DataSpec, Method, seg_ce_loss, unwrap
+from semivss.methods.parts import apply_cutmix, batch_cutmix_boxes, roll_permutation, step_generator
+
+__all__ = ["UniMatch", "confident_ce", "feature_dropout"]
+
+
+@contextmanager
+def feature_dropout(model: nn.Module, p: float, start: int = 0) -> Iterator[None]:
+    """Within the block, ``model``'s encoder output ``(low, high)`` of batch size B becomes
+    ``(cat(low, dropout2d(low[start:])), cat(high, dropout2d(high[start:])))``: the decoder and
+    classifier then also see the feature-perturbed copies of samples ``start..B-1`` (appended at
+    the end of the batch). Needs a public ``encoder`` submodule returning two feature maps."""
+    encoder = getattr(unwrap(model), "encoder", None)
+    if not isinstance(encoder, nn.Module):
+        raise ConfigError(
+            "method 'unimatch' needs a model with an 'encoder' submodule returning (low, high) "
+            "feature maps (semivss SegModel) for its feature-perturbation stream"
+        )
+
+    def hook(module: nn.Module, inputs: Any, output: Any) -> tuple[Tensor, Tensor]:
+        if not isinstance(output, (tuple, list)) or len(output) != 2:
+            raise ConfigError(
+                "method 'unimatch': the model's encoder must return (low, high) feature maps, got "
+                f"{type(output).__name__}"
+            )
+        low, high = output
+        return (
+            torch.cat([low, F.dropout2d(low[start:], p, training=True)]),
+            torch.cat([high, F.dropout2d(high[start:], p, training=True)]),
+        )
+
+    handle = encoder.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def confident_ce(logits: Tensor, target: Tensor, conf: Tensor, threshold: float) -> Tensor:
+    """UniMatch unlabeled loss: per-pixel CE of ``logits`` (upsampled bilinearly to the target size)
+    against ``target`` (B,H,W), kept where ``conf >= threshold``, summed and divided by the number
+    of pixels (official: by the non-padding pixels; all pixels here)."""
+    if logits.shape[-2:] != target.shape[-2:]:
+        logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+    ce = F.cross_entropy(logits.float(), target, reduction="none")
+    keep = (conf >= threshold).to(ce.dtype)
+    return (ce * keep).sum() / max(target.numel(), 1)
+
+
+class UniMatch(Method):
+    """FixMatch-style weak-to-strong training with a feature-perturbation stream (UniMatch V1)."""
+
+    name: ClassVar[str] = "unimatch"
+
+    class Config(BaseModel):
+        """``method:`` parameters of UniMatch (defaults: SPEC 2.4 / official Pascal config)."""
+
+        model_config = ConfigDict(extra="forbid")
+
+        conf_thresh: float = Field(0.95, ge=0.0, le=1.0)
+        fp_dropout: float = Field(0.5, ge=0.0, lt=1.0)
+        sup_weight: float = Field(0.5, ge=0.0)
+        unsup_weight: float = Field(0.5, ge=0.0)
+        weight_s1: float = Field(0.25, ge=0.0)
+        weight_s2: float = Field(0.25, ge=0.0)
+        weight_fp: float = Field(0.5, ge=0.0)
+        cutmix_p: float = Field(0.5, ge=0.0, le=1.0)
+        cutmix_area: tuple[float, float] = (0.02, 0.4)
+        cutmix_ratio: tuple[float, float] = (0.3, 1.0 / 0.3)
+
+        @field_validator("cutmix_area", "cutmix_ratio")
+        @classmethod
+        def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
+            if not 0.0 < v[0] <= v[1]:
+                raise ValueError(f"must be (low, high) with 0 < low <= high, got {v}")
+            return v
+
+        @field_validator("cutmix_area")
+        @classmethod
+        def _area(cls, v: tuple[float, float]) -> tuple[float, float]:
+            if v[1] > 1.0:
+                raise ValueError(f"area fractions must be <= 1, got {v}")
+            return v
+
+    cfg: Config
+
+    def data_spec(self) -> DataSpec:
+        """One unlabeled frame per sample with two strong copies (``strong``, ``strong2``)."""
+        return DataSpec(unlabeled_frames=1, unlabeled_strong=True, unlabeled_strong_copies=2)
+
+    def training_step(
+        self, models: nn.ModuleDict, batch: dict[str, Any], step: int, max_steps: int
+    ) -> dict[str, Tensor]:
+        cfg = self.cfg
+        model = models["model"]
+        x_l, y_l = batch["labeled"]["image"], batch["labeled"]["label"]
+        unl = batch["unlabeled"]
+        if "strong" not in unl or "strong2" not in unl:
+            raise ConfigError(
+                "method 'unimatch' needs two strong copies of each unlabeled frame "
+                "(batch['unlabeled']['strong'] and ['strong2']): build UnlabeledClips with "
+                "strong=True, strong_copies=DataSpec.unlabeled_strong_copies"
+            )
+        x_w, s1, s2 = unl["image"][:, 0], unl["strong"][:, 0], unl["strong2"][:, 0]
+        n_l, n_u = x_l.shape[0], x_w.shape[0]
+        size = (int(x_w.shape[-2]), int(x_w.shape[-1]))
+        dev = x_w.device
+
+        gen = step_generator()
+        box1 = batch_cutmix_boxes(n_u, *size, cfg.cutmix_p, cfg.cutmix_area, cfg.cutmix_ratio, gen, dev)
+        box2 = batch_cutmix_boxes(n_u, *size, cfg.cutmix_p, cfg.cutmix_area, cfg.cutmix_ratio, gen, dev)
+        perm = roll_permutation(n_u, dev)
+        with torch.no_grad():
+            s1 = apply_cutmix(s1, None, None, box1, perm)[0]  # type: ignore[assignment]
+            s2 = apply_cutmix(s2, None, None, box2, perm)[0]  # type: ignore[assignment]
+
+        with feature_dropout(model, cfg.fp_dropout, start=n_l):
+            logits = model(torch.cat([x_l, x_w]))["logits"]
+        if logits.shape[0] != n_l + 2 * n_u:
+            raise ConfigError(
+                "method 'unimatch': the feature-perturbation hook had no effect; the model's "
+                "forward must feed encoder(x) to its decoder"
+            )
+        pred_x, pred_w, pred_fp = logits.split([n_l, n_u, n_u])
+        pred_s1, pred_s2 = model(torch.cat([s1, s2]))["logits"].chunk(2)  # type: ignore[list-item]
+
+        with torch.no_grad():
+            prob = torch.softmax(
+                F.interpolate(pred_w.detach().float(), size=size, mode="bilinear", align_corners=False), dim=1
+            )
+            conf, mask = prob.max(dim=1)
+            _, mask1, conf1 = apply_cutmix(None, mask, conf, box1, perm)
+            _, mask2, conf2 = apply_cutmix(None, mask, conf, box2, perm)
+
+        loss_x = seg_ce_loss(pred_x, y_l, self.ignore_index)
+        loss_s1 = confident_ce(pred_s1, mask1, conf1, cfg.conf_thresh)  # type: ignore[arg-type]
+        loss_s2 = confident_ce(pred_s2, mask2, conf2, cfg.conf_thresh)  # type: ignore[arg-type]
+        loss_fp = confident_ce(pred_fp, mask, conf, cfg.conf_thresh)
+        loss_u = cfg.weight_s1 * loss_s1 + cfg.weight_s2 * loss_s2 + cfg.weight_fp * loss_fp
+        loss = cfg.sup_weight * loss_x + cfg.unsup_weight * loss_u
+        return {
+            "loss": loss,
+            "loss_sup": loss_x.detach(),
+            "loss_s": ((loss_s1 + loss_s2) / 2).detach(),
+            "loss_fp": loss_fp.detach(),
+            "mask_ratio": (conf >= cfg.conf_thresh).float().mean(),
+        }
