@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import cv2
@@ -20,7 +21,8 @@ from semivss.data import (
 from semivss.data.video import UNKNOWN_LABEL, default_palette, make_label_lut
 from semivss.errors import ConfigError, DataError
 
-CAMVID = Path("/work/shared/data/camvid")
+# The project's CamVid copy lives in shared/ beside the checkout (SEMIVSS_CAMVID overrides).
+CAMVID = Path(os.environ.get("SEMIVSS_CAMVID", Path(__file__).resolve().parents[2] / "shared/data/camvid"))
 
 
 def _png(path: Path, arr: np.ndarray) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,8 @@ from semivss.data import (
 )
 from semivss.errors import ConfigError, DataError
 
-CAMVID = Path("/work/shared/data/camvid")
+# The project's CamVid copy lives in shared/ beside the checkout (SEMIVSS_CAMVID overrides).
+CAMVID = Path(os.environ.get("SEMIVSS_CAMVID", Path(__file__).resolve().parents[2] / "shared/data/camvid"))
 
 
 def _set(spec: dict[str, tuple[list[int], set[int]]]) -> VideoSet:
