@@ -22,6 +22,7 @@ from contextlib import nullcontext
 
 MODES = {
     "fp32": "fp32, contiguous",
+    "fp32-cl": "fp32 + channels_last",
     "bf16-cl": "bf16 autocast + channels_last",
 }
 
@@ -70,7 +71,7 @@ def _worker(args: argparse.Namespace) -> dict[str, float | str]:
         lr=lr, momentum=0.9, weight_decay=1e-4,
     )
     low_precision = args.worker == "bf16-cl"
-    memory_format = torch.channels_last if low_precision else torch.contiguous_format
+    memory_format = torch.channels_last if args.worker.endswith("-cl") else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     gen = torch.Generator().manual_seed(1)
     shape = (args.batch, 3, args.height, args.width)
@@ -153,8 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{MODES[r['mode']]:<32} {r['images_per_s']:>9.2f} {r['s_per_iter']:>8.3f} "
               f"{r['peak_mib']:>{len(memory)}.0f}  {r['loss']:>9.4f}")
-    if len(rows) == 2:
-        print(f"speed-up bf16-cl / fp32: {rows[1]['images_per_s'] / rows[0]['images_per_s']:.2f}x")
+    base = next((r for r in rows if r["mode"] == "fp32"), None)
+    if base is not None:
+        for r in rows:
+            if r is not base:
+                print(f"speed-up {r['mode']} / fp32: {r['images_per_s'] / base['images_per_s']:.2f}x")
     return 0
 
 
