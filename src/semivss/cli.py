@@ -65,8 +65,10 @@ def train(
 
     overrides = list(set_) + ([f"out_dir={out_dir}"] if out_dir else [])
     cfg = load_config(config, overrides)
+    from semivss.engine.dist import is_main
+
     metrics = run_train(cfg, resume=resume)
-    if metrics:
+    if metrics and is_main():
         console.print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
 
 
