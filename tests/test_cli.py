@@ -99,3 +99,36 @@ def test_fresh_train_refuses_used_out_dir(tiny) -> None:
     result = runner.invoke(app, ["train", str(tiny["cfg"])])
     assert result.exit_code != 0
     assert "resume" in str(result.exception)
+
+
+def test_resumed_run_equals_uninterrupted_run_on_real_pipeline(tiny, tmp_path, monkeypatch) -> None:
+    """Real data pipeline (albumentations augmentation, MobileNetV2 model, a worker process):
+    4 iterations straight == 2 iterations, interruption, resume to 4 — parameter for parameter."""
+    import torch
+    from safetensors.torch import load_file
+
+    from semivss.config import load_config
+    from semivss.engine import trainer as trainer_mod
+    from semivss.experiment import train
+
+    base = ["schedule.iters=4", "train.eval_interval=0", "train.ckpt_interval=2", "data.num_workers=1"]
+    train(load_config(tiny["cfg"], base + [f"out_dir={tmp_path / 'straight'}"]))
+    cfg = load_config(tiny["cfg"], base + [f"out_dir={tmp_path / 'resumed'}"])
+    original = trainer_mod.Trainer._save
+
+    def stop_after_first_save(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_mod.Trainer, "_save", stop_after_first_save)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg)
+    assert (tmp_path / "resumed" / "checkpoints" / "last.pt").exists()
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    train(cfg, resume=True)
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
