@@ -111,7 +111,7 @@ def evaluate_cmd(
     result = evaluate_split(
         model, videoset, ecfg, dev, offsets=eval_offsets, save_dir=out / "preds" if save_preds else None
     )
-    console.print(result.table(title=f"{checkpoint.name} on {data.name} [{split}]"))
+    console.print(result.table(title=f"{checkpoint.name} on {data.name} ({split} split)"))
     result.to_json(out / "metrics.json")
     console.print(f"metrics -> {out / 'metrics.json'}")
     if rule is not None:
@@ -185,7 +185,7 @@ def data_info(
 
     vs = formats.load_dataset(fmt, root, split)
     lab = set(splits.every_kth(vs, label_every).labeled) if label_every else set()
-    table = Table(title=f"{root} [{split}]: {vs.num_classes} classes")
+    table = Table(title=f"{root} ({split} split): {vs.num_classes} classes")
     for col in ("video", "frames", "annotated", "labeled (1/k)"):
         table.add_column(col)
     ann = set(vs.annotated())
