@@ -96,8 +96,8 @@ def evaluate_cmd(
     dev = _device(device)
     model, meta = load_trained_model(checkpoint, dev)
     ecfg = eval_config_from(meta, mode=mode, **({"size": _size(size)} if size is not None else {}))
-    out = _fresh_dir(out or checkpoint.parent.parent / f"eval-{split}", overwrite)
     videoset = formats.load_dataset(fmt, data, split)
+    out = _fresh_dir(out or checkpoint.parent.parent / f"eval-{split}", overwrite)
     rule = None
     if offsets:
         scfg = (
