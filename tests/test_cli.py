@@ -132,3 +132,21 @@ def test_resumed_run_equals_uninterrupted_run_on_real_pipeline(tiny, tmp_path, m
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_compare_offsets_merges_models(tiny) -> None:
+    source = tiny["root"] / "eval" / "offsets.json"
+    if not source.exists():  # test order: produce it the same way test_evaluate_with_offsets does
+        _invoke(["evaluate", tiny["run"] / "model.safetensors", "--data", tiny["data"], "--format", "synthetic",
+                 "--offsets", "--label-position", "4", "--out", tiny["root"] / "eval", "--overwrite"])
+    out = tiny["root"] / "cmp" / "offsets.png"
+    out.parent.mkdir()
+    result = _invoke(["compare-offsets", source, source, "--name", "supervised", "--name", "ifr", "--out", out])
+    assert "supervised" in result.output and "ifr" in result.output
+    rows = json.loads(out.with_suffix(".json").read_text())
+    single = json.loads(source.read_text())
+    assert len(rows) == 2 * len(single)
+    assert {r["model"] for r in rows} == {"supervised", "ifr"}
+    assert out.stat().st_size > 1000
+    again = runner.invoke(app, ["compare-offsets", str(source), "--out", str(out)])
+    assert again.exit_code != 0 and "exist" in str(again.exception)

@@ -151,6 +151,36 @@ def predict(
     console.print(summary)
 
 
+@app.command("compare-offsets")
+def compare_offsets(
+    tables: list[Path] = typer.Argument(..., help="offsets.json files written by `evaluate --offsets`."),
+    name: list[str] = typer.Option([], "--name", help="Model name of each table, in order (default: its run folder)."),
+    out: Path = typer.Option(..., help="Output PNG; the merged table is written beside it as .json/.csv."),
+    overwrite: bool = typer.Option(False, help="Allow replacing existing files."),
+) -> None:
+    """Put the offset analyses of several models (e.g. supervised vs IFR) in one table and plot."""
+    from dataclasses import replace
+
+    from semivss.metrics.offset import OffsetTable, merge_tables, plot_offsets, save_offset_tables
+
+    if name and len(name) != len(tables):
+        raise SemivssError(f"--name given {len(name)} times for {len(tables)} tables")
+    outputs = [out, out.with_suffix(".json"), out.with_suffix(".csv")]
+    clobbered = [str(p) for p in outputs if p.exists()]
+    if clobbered and not overwrite:
+        raise SemivssError(f"{', '.join(clobbered)} exist; pass --overwrite or choose another --out")
+    named = []
+    for i, path in enumerate(tables):
+        label = name[i] if name else path.resolve().parent.parent.name
+        table = OffsetTable.from_json(path)
+        named.append(OffsetTable([replace(r, model=label) for r in table.rows]))
+    merged = merge_tables(named)
+    console.print(merged.text())
+    save_offset_tables(merged, out.with_suffix(".json"))
+    plot_offsets(merged, out, title="mIoU by offset from the labeled frame")
+    console.print(f"comparison -> {out}, {out.with_suffix('.json')}, {out.with_suffix('.csv')}")
+
+
 @data_app.command("synth")
 def data_synth(
     out: Path = typer.Argument(..., help="Output folder (folder format)."),
