@@ -120,7 +120,7 @@ def evaluate_cmd(
         train_set = formats.load_dataset(fmt, data, train_split)
         train_res = evaluate_split(model, train_set, ecfg, dev, offsets=offset_frames(train_set, rule)[1])
         tables = {f"train videos ({train_split})": train_res.offsets, f"held-out videos ({split})": result.offsets}
-        console.print(offset_table_text(tables))
+        typer.echo(offset_table_text(tables))
         save_offset_tables(tables, out / "offsets.json")
         plot_offsets(tables, out / "offsets.png", title=f"mIoU by offset from the labeled frame ({checkpoint.name})")
         console.print(f"offset analysis -> {out / 'offsets.json'}, {out / 'offsets.png'}")
@@ -175,7 +175,7 @@ def compare_offsets(
         table = OffsetTable.from_json(path)
         named.append(OffsetTable([replace(r, model=label) for r in table.rows]))
     merged = merge_tables(named)
-    console.print(merged.text())
+    typer.echo(merged.text())
     save_offset_tables(merged, out.with_suffix(".json"))
     plot_offsets(merged, out, title="mIoU by offset from the labeled frame")
     console.print(f"comparison -> {out}, {out.with_suffix('.json')}, {out.with_suffix('.csv')}")
