@@ -57,13 +57,18 @@ def test_evaluate_with_offsets(tiny) -> None:
     out = tiny["root"] / "eval"
     _invoke(["evaluate", tiny["run"] / "checkpoints/best.pt", "--data", tiny["data"], "--format", "synthetic",
              "--split", "val", "--offsets", "--label-position", "4", "--out", out, "--save-preds"])
-    metrics = json.loads((out / "metrics.json").read_text())
-    text = json.dumps(metrics)
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     for key in ("mIoU", "fwIoU", "pixel_acc", "VC8"):
-        assert key in text
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["n_frames"] == 10  # one held-out video of 10 frames, every frame annotated
     assert (out / "offsets.png").stat().st_size > 1000
-    offsets = json.loads((out / "offsets.json").read_text())
-    assert "0" in json.dumps(offsets)
+    rows = json.loads((out / "offsets.json").read_text())
+    n_videos = {"train": 3, "val": 1}
+    for split, n in n_videos.items():
+        mine = [r for r in rows if f"({split})" in r["subset"]]
+        # 10 frames per video labeled at position 4: offsets -4..+5, one frame per video each.
+        assert sorted(r["offset"] for r in mine) == list(range(-4, 6)), split
+        assert all(r["n_frames"] == n and 0.0 <= r["mIoU"] <= 1.0 for r in mine), split
     preds = sorted((out / "preds").rglob("*.png"))
     assert preds, "no prediction PNGs"
     pred = np.asarray(Image.open(preds[0]))

@@ -78,11 +78,11 @@ def test_nearest_labeled_offset_hand_computed() -> None:
 def test_build_split_from_config() -> None:
     vs = _set({"v": (list(range(10)), set(range(10)))})
     cfg = DataConfig(format="folder", root=Path("/x"), split={"mode": "every_kth", "k": 4})
-    assert build_split(cfg, vs).labeled == [FrameRef("v", 2), FrameRef("v", 6)]
+    assert build_split(cfg.split, vs).labeled == [FrameRef("v", 2), FrameRef("v", 6)]
     cfg = DataConfig(format="folder", root=Path("/x"), split={"mode": "single", "position": -1})
-    assert build_split(cfg, vs).labeled == [FrameRef("v", 9)]
+    assert build_split(cfg.split, vs).labeled == [FrameRef("v", 9)]
     cfg = DataConfig(format="folder", root=Path("/x"), split={"mode": "all"})
-    assert len(build_split(cfg, vs).labeled) == 10
+    assert len(build_split(cfg.split, vs).labeled) == 10
 
 
 def test_data_config_validation() -> None:

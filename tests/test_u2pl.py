@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from semivss.engine import OptimConfig, ScheduleConfig, TrainConfig, Trainer, load_checkpoint
 from semivss.errors import ConfigError
 from semivss.methods.u2pl import U2PL
-from semivss.models import ModelConfig, build_model
+from semivss.models import ModelConfig, SegModel, build_model
 
 
 # ------------------------------------------------------------------ tiny SegModel-like network
@@ -39,6 +39,8 @@ class TinyDecoder(nn.Module):
         norm = (lambda: nn.BatchNorm2d(width)) if bn else nn.Identity
         self.fuse = nn.Sequential(nn.Conv2d(2 * width, width, 3, 1, 1), norm(), nn.ReLU())
         self.rep = nn.Conv2d(width, 16, 1) if rep else None
+        self.feature_dim = width
+        self.stride = 2
 
     def forward(self, low: Tensor, high: Tensor) -> dict[str, Tensor]:
         up = F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=False)
@@ -48,32 +50,11 @@ class TinyDecoder(nn.Module):
         return out
 
 
-class TinySegModel(nn.Module):
-    """SegModel contract in miniature: encoder -> (low, high), decoder -> feature (+ rep),
-    classifier; logits at stride 2."""
-
-    def __init__(self, num_classes: int = NUM_CLASSES, width: int = 8, bn: bool = True,
-                 rep: bool = True) -> None:
-        super().__init__()
-        self.encoder = TinyEncoder(width, bn)
-        self.decoder = TinyDecoder(width, bn, rep)
-        self.classifier = nn.Conv2d(width, num_classes, 1)
-        self.has_rep_head = rep
-        self.output_stride_total = 2
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        low, high = self.encoder(x)
-        out = self.decoder(low, high)
-        out["logits"] = self.classifier(out["feature"])
-        return out
-
-    def classify(self, feature: Tensor) -> Tensor:
-        return self.classifier(feature)
-
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        backbone = list(self.encoder.parameters())
-        ids = {id(p) for p in backbone}
-        return {"backbone": backbone, "head": [p for p in self.parameters() if id(p) not in ids]}
+def TinySegModel(num_classes: int = NUM_CLASSES, width: int = 8, bn: bool = True,
+                 rep: bool = True) -> SegModel:
+    """The real SegModel (forward, classify, param_groups, has_rep_head) around a tiny encoder
+    and decoder; logits at stride 2."""
+    return SegModel(TinyEncoder(width, bn), TinyDecoder(width, bn, rep), num_classes)
 
 
 class ToyUnlabeled(Dataset):

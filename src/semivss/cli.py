@@ -90,8 +90,8 @@ def evaluate_cmd(
     overwrite: bool = typer.Option(False, help="Allow writing into a non-empty output folder."),
 ) -> None:
     """Score a trained model: mIoU, per-class IoU, fwIoU, pixel accuracy, VC8/VC16 (+ offsets)."""
-    from semivss.data.config import DataConfig, SplitConfig
-    from semivss.experiment import eval_config_from, evaluate_split, load_trained_model, offset_frames
+    from semivss.data.config import SplitConfig
+    from semivss.experiment import eval_config_from, evaluate_split, labeled_offsets, load_trained_model
     from semivss.data import formats
     dev = _device(device)
     model, meta = load_trained_model(checkpoint, dev)
@@ -100,14 +100,13 @@ def evaluate_cmd(
     out = _fresh_dir(out or checkpoint.parent.parent / f"eval-{split}", overwrite)
     rule = None
     if offsets:
-        scfg = (
+        rule = (
             SplitConfig(mode="single", position=label_position)
             if label_position is not None
             else SplitConfig(mode="every_kth", k=label_every)
         )
-        rule = DataConfig(format=fmt, root=data, split=scfg)
     # The evaluated split is scored once; its per-frame results also feed the offset analysis.
-    eval_offsets = offset_frames(videoset, rule)[1] if rule else None
+    eval_offsets = labeled_offsets(videoset, rule) if rule else None
     result = evaluate_split(
         model, videoset, ecfg, dev, offsets=eval_offsets, save_dir=out / "preds" if save_preds else None
     )
@@ -118,7 +117,7 @@ def evaluate_cmd(
         from semivss.metrics.offset import offset_table_text, plot_offsets, save_offset_tables
 
         train_set = formats.load_dataset(fmt, data, train_split)
-        train_res = evaluate_split(model, train_set, ecfg, dev, offsets=offset_frames(train_set, rule)[1])
+        train_res = evaluate_split(model, train_set, ecfg, dev, offsets=labeled_offsets(train_set, rule))
         tables = {f"train videos ({train_split})": train_res.offsets, f"held-out videos ({split})": result.offsets}
         typer.echo(offset_table_text(tables))
         save_offset_tables(tables, out / "offsets.json")

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from semivss.config import ExperimentConfig, dump_config
-from semivss.data import clips, formats, splits, transforms
-from semivss.data.config import DataConfig, build_split
+from semivss.data import clips, splits
+from semivss.data.config import SplitConfig, build_augment, build_split, load_videosets
 from semivss.data.video import FrameRef, VideoSet
 from semivss.engine import dist
 from semivss.engine.checkpoint import load_checkpoint
@@ -27,21 +27,11 @@ from semivss.models import build_model
 from semivss.models.config import ModelConfig
 
 
-def load_videoset(data: DataConfig, split: str) -> VideoSet:
-    """Load one split of the configured dataset."""
-    return formats.load_dataset(data.format, data.root, split)
-
-
 def build_train_sets(cfg: ExperimentConfig, videoset: VideoSet, spec: Any) -> tuple[dict, dict]:
     """Datasets and batch sizes the method asks for (``DataSpec``): labeled clips (+ unlabeled)."""
     d = cfg.data
-    augment = transforms.ClipAugment(
-        crop_size=tuple(d.crop_size),
-        base_size=tuple(d.base_size) if d.base_size else None,
-        scale_range=tuple(d.scale_range),
-        hflip=d.hflip,
-    )
-    split = build_split(d, videoset)
+    augment = build_augment(d)
+    split = build_split(d.split, videoset)
     sets: dict[str, torch.utils.data.Dataset] = {
         "labeled": clips.LabeledClips(
             videoset,
@@ -82,7 +72,7 @@ def make_meta(cfg: ExperimentConfig, videoset: VideoSet) -> dict[str, Any]:
         "method": cfg.method_name,
         "eval": cfg.eval.model_dump(mode="json"),
         "data": {"format": cfg.data.format, "root": str(cfg.data.root)},
-        "config_yaml": json.dumps(cfg.model_dump(mode="json")),
+        "experiment": cfg.model_dump(mode="json"),  # the whole resolved config, for provenance
     }
 
 
@@ -90,8 +80,7 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> dict[str, float]:
     """Train the configured method; returns the final validation metrics."""
     dist.init_distributed()
     device = dist.pick_device()
-    train_set = load_videoset(cfg.data, cfg.data.train_split)
-    val_set = load_videoset(cfg.data, cfg.data.val_split) if cfg.data.val_split else None
+    train_set, val_set = load_videosets(cfg.data)
     method = build_method(cfg.method_name, cfg.method_params, train_set.num_classes)
     sets, sizes = build_train_sets(cfg, train_set, method.data_spec())
 
@@ -166,15 +155,10 @@ def eval_config_from(meta: dict, **overrides: Any) -> EvalConfig:
         raise ConfigError(f"evaluation options: {exc}") from None
 
 
-def offset_frames(
-    videoset: VideoSet, data: DataConfig
-) -> tuple[list[FrameRef], dict[FrameRef, int]]:
-    """Annotated frames of a split and their signed offset to the nearest labeled frame
-    under the configured label-ratio rule (SPEC section 1)."""
-    split = build_split(data, videoset)
-    offsets = splits.nearest_labeled_offset(split, videoset)
-    frames = [f for f in videoset.annotated() if f in offsets]
-    return frames, offsets
+def labeled_offsets(videoset: VideoSet, rule: SplitConfig) -> dict[FrameRef, int]:
+    """Signed position offset of every frame to the nearest labeled frame of its video under
+    the label-ratio rule ``rule`` (SPEC section 1, inner-video overfitting analysis)."""
+    return splits.nearest_labeled_offset(build_split(rule, videoset), videoset)
 
 
 def evaluate_split(

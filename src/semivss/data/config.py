@@ -66,9 +66,9 @@ class DataConfig(BaseModel):
         return v
 
 
-def build_split(cfg: DataConfig, videoset: VideoSet) -> Split:
-    """Labeled/unlabeled split of the training video set according to `cfg.split`."""
-    s = cfg.split
+def build_split(s: SplitConfig, videoset: VideoSet) -> Split:
+    """Labeled/unlabeled split of a video set according to the label-ratio rule `s`
+    (`DataConfig.split`)."""
     if s.mode == "every_kth":
         return every_kth(videoset, s.k, s.phase)
     if s.mode == "single":

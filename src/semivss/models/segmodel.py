@@ -30,7 +30,8 @@ class SegModel(nn.Module):
         self.num_classes = num_classes
         self.feature_dim: int = decoder.feature_dim
         self.stride: int = decoder.stride
-        self.has_rep_head = isinstance(decoder, DeepLabV3PlusDecoder) and decoder.rep is not None
+        # Any decoder with a ``rep`` module emits the U2PL representation (``out["rep"]``).
+        self.has_rep_head = getattr(decoder, "rep", None) is not None
         self.load_report: LoadReport | None = None
 
     @property
