@@ -229,16 +229,18 @@ def evaluate_items(
             if scored[0] is not None and scored[0] != video:
                 vc.finish(scored[0])  # frames come video by video: free the previous state
             scored[0] = video
+            key = key_of.get((video, index))
             try:
-                cm.update(pred, label)
+                if key is None:
+                    cm.update(pred, label)
+                else:  # count the frame once: its own matrix (offset analysis), merged into the total
+                    fcm = ConfusionMatrix(num_classes, ignore_index)
+                    fcm.update(pred, label)
+                    frame_mats[key] = fcm.raw
+                    cm.merge(fcm)
                 vc.update(video, pred, label)
             except DataError as e:
                 raise DataError(f"frame {video}/{index}: {e}") from e
-            key = key_of.get((video, index))
-            if key is not None:
-                fcm = ConfusionMatrix(num_classes, ignore_index)
-                fcm.update(pred, label)
-                frame_mats[key] = fcm.raw
             n_frames += 1
 
     with eval_mode(model), make_progress(progress) as bar:
