@@ -40,6 +40,8 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-stride", type=int, default=16)
     p.add_argument("--num-classes", type=int, default=11)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--no-malloc-tuning", action="store_true",
+                   help="leave glibc's mmap/trim thresholds alone (the trainer tunes them)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {list(MODES)}")
     p.add_argument("--worker", choices=list(MODES), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -57,6 +59,10 @@ def _worker(args: argparse.Namespace) -> dict[str, float | str]:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if not args.no_malloc_tuning:
+        from semivss.engine.memory import tune_malloc
+
+        tune_malloc()
     torch.manual_seed(0)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

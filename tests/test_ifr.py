@@ -279,16 +279,16 @@ def test_full_loss_combines_four_terms_and_pseudo_label_at_image_resolution() ->
     torch.testing.assert_close(out["loss_rec"], rec)
     torch.testing.assert_close(out["loss"], out["loss_sup"] + math.exp(-1.25) * rec)
 
-    # independent recomputation of the four terms: one forward of the same network on the same
-    # concatenation (BN in train mode sees the same batch); pseudo-label = argmax of u0's logits
-    # upsampled to the image size (16x16, not the 8x8 feature map)
+    # independent recomputation of the four terms: one forward of the same network per image
+    # group (BN in train mode sees each group alone, as the official code); pseudo-label = argmax
+    # of u0's logits upsampled to the image size (16x16, not the 8x8 feature map)
     lab, unl = batch["labeled"], batch["unlabeled"]
-    x = torch.cat([lab["image"], lab["context"][:, 0], lab["context_strong"][:, 0],
-                   unl["image"][:, 0], unl["image"][:, 1], unl["strong"][:, 1]])
+    xs = [lab["image"], lab["context"][:, 0], lab["context_strong"][:, 0],
+          unl["image"][:, 0], unl["image"][:, 1], unl["strong"][:, 1]]
     torch.manual_seed(0)
     ref_model = TwoLayer()
-    o = ref_model(x)
-    feat, groups = o["feature"].split([2, 2, 2, 3, 3, 3]), o["logits"].split([2, 2, 2, 3, 3, 3])
+    outs = [ref_model(x) for x in xs]
+    feat, groups = [o["feature"] for o in outs], [o["logits"] for o in outs]
     pseudo = F.interpolate(groups[3], size=(16, 16), mode="bilinear", align_corners=False)
     pseudo = pseudo.argmax(1)
 
@@ -336,16 +336,77 @@ def test_gradient_paths_in_training_step() -> None:
     assert model.scale.grad.abs() > 0 and model.classifier.weight.grad.abs().sum() > 0
 
 
-def test_joint_forward_equals_separate_forwards_without_batch_statistics() -> None:
+def test_forward_pass_layouts_agree_without_batch_statistics() -> None:
     torch.manual_seed(0)
     model = TwoLayer().eval()  # BN from running stats: batching cannot change any output
     batch = random_batch(2, 3, seed=4)
     models = nn.ModuleDict({"model": model})
-    joint = IFR(None, 4).training_step(models, batch, 10, 100)
-    separate = IFR({"joint_forward": False}, 4).training_step(models, batch, 10, 100)
-    assert set(joint) == set(separate)
-    for key in joint:
-        torch.testing.assert_close(joint[key], separate[key], rtol=1e-5, atol=1e-6)
+    separate = IFR(None, 4).training_step(models, batch, 10, 100)
+    for passes in ("joint", [["u0", "u1", "u1_s"]], [["x", "src_s"], ["u1"]]):
+        other = IFR({"forward_passes": passes}, 4).training_step(models, batch, 10, 100)
+        assert set(other) == set(separate)
+        for key in separate:
+            torch.testing.assert_close(other[key], separate[key], rtol=1e-5, atol=1e-6)
+
+
+class CountingModel(nn.Module):
+    """Records the batch size of every forward pass of a wrapped model."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.batches: list[int] = []
+        self.classify = inner.classify
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.batches.append(x.shape[0])
+        return self.inner(x)
+
+
+@pytest.mark.parametrize(
+    ("passes", "expected"),
+    [
+        ("per_group", [2, 2, 2, 3, 3, 3]),  # official: x, src, src_s, u0, u1, u1_s
+        ("joint", [15]),
+        ([["u0", "u1", "u1_s"]], [9, 2, 2, 2]),  # listed passes first, then the rest alone
+        ([["src", "x"], ["u1_s"]], [4, 3, 2, 3, 3]),
+    ],
+)
+def test_forward_passes_partition_the_groups(passes: object, expected: list[int]) -> None:
+    model = CountingModel(TwoLayer().eval())
+    IFR({"forward_passes": passes}, 4).training_step(
+        nn.ModuleDict({"model": model}), random_batch(2, 3, seed=4), 10, 100
+    )
+    assert model.batches == expected
+
+
+def test_forward_passes_errors() -> None:
+    with pytest.raises(ConfigError, match=r"method\.forward_passes.*repeated: \['u1'\]"):
+        IFR({"forward_passes": [["u0", "u1"], ["u1"]]}, 3)
+    with pytest.raises(ConfigError, match=r"method\.forward_passes"):
+        IFR({"forward_passes": [["u2"]]}, 3)
+
+    class PooledBN(nn.Module):  # BN after a global pooling, as the ASPP image branch
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            f = self.conv(x)
+            g = self.bn(f.mean(dim=(2, 3), keepdim=True))
+            return {"logits": f + g, "feature": f + g}
+
+        def classify(self, f: torch.Tensor) -> torch.Tensor:
+            return f
+
+    model = PooledBN().train()
+    with pytest.raises(ConfigError, match=r"forward_passes.*\['u0'\] holds a single image"):
+        IFR(None, 4).training_step(nn.ModuleDict({"model": model}), random_batch(2, 1), 10, 100)
+    out = IFR({"forward_passes": [["u0", "u1", "u1_s"]]}, 4).training_step(
+        nn.ModuleDict({"model": model}), random_batch(2, 1), 10, 100
+    )
+    assert torch.isfinite(out["loss"])
 
 
 def test_share_frames_uses_source_frame_as_u1() -> None:
@@ -403,8 +464,8 @@ def test_ddp_wrapped_model(tmp_path: Path) -> None:
         ref = TwoLayer()
         ref.load_state_dict(raw.state_dict())
         batch = random_batch(2, 2, seed=6)
-        for joint in (True, False):
-            method = IFR({"joint_forward": joint}, 4)
+        for passes in ("joint", "per_group"):
+            method = IFR({"forward_passes": passes}, 4)
             wrapped = nn.ModuleDict({"model": nn.parallel.DistributedDataParallel(raw)})
             out = method.training_step(wrapped, batch, 4000, 4000)
             out["loss"].backward()

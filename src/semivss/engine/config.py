@@ -64,8 +64,9 @@ class ScheduleConfig(BaseModel):
 class TrainConfig(BaseModel):
     """Training loop settings.
 
-    ``precision="auto"``: bf16 autocast on CPU; on CUDA bf16 if supported, else fp16 with a
-    GradScaler. ``eval_interval=0`` evaluates only at the end. ``sync_bn`` applies on CUDA with more
+    ``precision="auto"``: on CPU bf16 autocast only where the CPU computes bf16 natively
+    (avx512_bf16 / AMX), else fp32; on CUDA bf16 if supported, else fp16 with a GradScaler.
+    ``malloc_tuning`` keeps freed activation buffers in the glibc heap (``engine.memory``). ``eval_interval=0`` evaluates only at the end. ``sync_bn`` applies on CUDA with more
     than one process only.
     """
 
@@ -83,3 +84,4 @@ class TrainConfig(BaseModel):
     num_workers: int = Field(2, ge=0)
     deterministic: bool = False
     keep_best: bool = True
+    malloc_tuning: bool = True

@@ -37,6 +37,7 @@ from semivss.engine.dist import (
     pick_device,
 )
 from semivss.engine.logger import TrainLogger
+from semivss.engine.memory import tune_malloc
 from semivss.engine.optim import build_optimizer, build_scheduler
 from semivss.engine.precision import Precision, images_channels_last, to_channels_last
 from semivss.engine.sampler import InfiniteBatchSampler
@@ -189,6 +190,8 @@ class Trainer:
             raise DataError(msg)
 
     def _setup_backends(self, device: torch.device) -> None:
+        if self.cfg.malloc_tuning:
+            tune_malloc()
         if self.cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)

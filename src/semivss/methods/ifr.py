@@ -7,24 +7,32 @@ supervised with the target's ground truth (labeled frames) or argmax pseudo-labe
 frames). Facts follow the official code (jfzhuang/IFR, ``mmseg/models/segmentors/ifr.py``) with the
 per-sample prototype fix of SPEC 2.2; the code here is our own.
 
-Efficiency: the official code runs six forward passes per step (labeled frame, source frame,
-distorted source, u0, u1, distorted u1). By default all images of a step go through the network
-in ONE forward pass (``joint_forward``); the only numerical difference is that BatchNorm
-statistics are computed over the whole concatenation instead of per group.
+Forward passes: the official code runs one forward pass per image group (labeled frames, source
+frames, distorted sources, u0, u1, distorted u1), so BatchNorm statistics are per group. That is
+the default here (``forward_passes: per_group``). ``forward_passes`` can also put several groups
+in one pass (``joint``: all images at once, or an explicit partition such as
+``[[x], [src], [src_s], [u0, u1, u1_s]]`` for an unlabeled batch of one image). Only BatchNorm
+statistics differ between these choices. On a CPU, passes of about a labeled batch are faster
+than one large pass: a 27-image pass spends ~1/3 of its time in page faults of its large
+activation buffers (benchmarks/ifr_step_cost.py).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
+from semivss.errors import ConfigError
 from semivss.methods.base import DataSpec, Method, seg_ce_loss, unwrap
+
+GROUPS = ("x", "src", "src_s", "u0", "u1", "u1_s")
+GroupName = Literal["x", "src", "src_s", "u0", "u1", "u1_s"]
 
 __all__ = ["IFR", "class_prototypes", "reconstruct", "ramp"]
 
@@ -130,11 +138,13 @@ class IFR(Method):
         use_labeled_strong: bool = True
         use_unlabeled: bool = True
         use_unlabeled_strong: bool = True
-        # True: one forward pass on all images of the step (BatchNorm statistics over all of
-        # them); False: one forward pass per image group as the official code (per-group BN;
-        # every group, the unlabeled batch included, then needs >= 2 images for the BN after
-        # the global pooling of ASPP / PPM)
-        joint_forward: bool = True
+        # Which image groups share a forward pass (BatchNorm statistics are per pass). Groups:
+        # x (labeled frames), src (source frames), src_s (distorted sources), u0, u1, u1_s.
+        # "per_group": one pass per group, as the official code (with BN after a global pooling,
+        # as in ASPP / PPM, every group then needs >= 2 images); "joint": all groups in one pass;
+        # or a partition, e.g. [[x], [src], [src_s], [u0, u1, u1_s]]; unlisted groups get a pass
+        # of their own.
+        forward_passes: Literal["per_group", "joint"] | list[list[GroupName]] = "per_group"
         # Cost-saving deviation (default off = SPEC): take the unlabeled pair from the labeled
         # clip instead of the unlabeled set: u1 = the source frame (and its distorted copy, both
         # already forwarded for the labeled terms), u0 = a second context frame of the labeled
@@ -150,6 +160,18 @@ class IFR(Method):
                 raise ValueError(f"must be (low, high) with low <= high, got {(lo, hi)}")
             if lo == hi == 0:
                 raise ValueError("must allow a frame other than the anchor, got (0, 0)")
+            return value
+
+        @field_validator("forward_passes")
+        @classmethod
+        def _passes(cls, value: Any) -> Any:
+            if isinstance(value, list):
+                names = [n for group in value for n in group]
+                twice = sorted({n for n in names if names.count(n) > 1})
+                if twice:
+                    raise ValueError(f"each group may appear in one pass only; repeated: {twice}")
+                if any(not group for group in value):
+                    raise ValueError("a pass must name at least one group")
             return value
 
     cfg: Config
@@ -185,22 +207,41 @@ class IFR(Method):
         )
 
     # ------------------------------------------------------------------ forward
+    def _passes(self, present: list[str]) -> list[list[str]]:
+        """The groups of each forward pass, restricted to the groups this step has."""
+        spec = self.cfg.forward_passes
+        if spec == "joint":
+            return [present]
+        listed = [] if spec == "per_group" else [[g for g in p if g in present] for p in spec]
+        seen = {g for p in listed for g in p}
+        return [p for p in listed if p] + [[g] for g in present if g not in seen]
+
     def _forward(self, model: nn.Module, images: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-        """Run the network on every image group; with ``joint_forward`` groups of equal spatial
-        size share one forward pass (outputs split back per group). Inputs follow the memory
-        format of the labeled images (channels_last when the engine uses it)."""
+        """Run the network on the image groups, the groups of one pass concatenated (outputs are
+        split back per group). Inputs follow the memory format of the labeled images
+        (channels_last when the engine uses it)."""
         fmt = (torch.channels_last
                if images["x"].is_contiguous(memory_format=torch.channels_last)
                else torch.contiguous_format)
-        if not self.cfg.joint_forward:
-            return {k: model(v.contiguous(memory_format=fmt)) for k, v in images.items()}
-        by_size: dict[tuple[int, ...], list[str]] = {}
-        for key, im in images.items():
-            by_size.setdefault(tuple(im.shape[1:]), []).append(key)
         outs: dict[str, dict[str, Tensor]] = {}
-        for keys in by_size.values():
+        for keys in self._passes([g for g in GROUPS if g in images]):
+            if len({tuple(images[k].shape[1:]) for k in keys}) > 1:
+                raise ConfigError(
+                    f"method.forward_passes: groups {keys} share a pass but their images differ "
+                    f"in size {[tuple(images[k].shape[1:]) for k in keys]}"
+                )
             x = torch.cat([images[k] for k in keys]) if len(keys) > 1 else images[keys[0]]
-            out = model(x.contiguous(memory_format=fmt))
+            try:
+                out = model(x.contiguous(memory_format=fmt))
+            except ValueError as err:
+                if "Expected more than 1 value per channel" not in str(err):
+                    raise
+                raise ConfigError(
+                    f"method.forward_passes: the pass of {keys} holds a single image, and the "
+                    f"model's BatchNorm needs at least 2 in training; raise "
+                    f"data.unlabeled_batch_size / data.batch_size or put groups into one pass, "
+                    f"e.g. forward_passes: [[x], [src], [src_s], [u0, u1, u1_s]]"
+                ) from err
             sizes = [images[k].shape[0] for k in keys]
             parts = {name: t.split(sizes) for name, t in out.items() if isinstance(t, Tensor)}
             for i, k in enumerate(keys):
