@@ -516,3 +516,27 @@ def test_engine_run_on_synthetic_set_lowers_loss(tmp_path: Path) -> None:
     for key in ("labeled", "labeled_strong", "unlabeled", "unlabeled_strong"):
         assert math.isfinite(last[f"loss_rec_{key}"])
     assert last["ramp"] == 1.0
+
+
+def test_model_without_feature_classifier_is_refused() -> None:
+    model = TwoLayer()
+    model.supports_classify = False  # as the Mask2Former wrapper
+    with pytest.raises(ConfigError, match=r"method 'ifr'.*mask2former"):
+        IFR(None, 4).training_step(nn.ModuleDict({"model": model}), random_batch(2, 2), 0, 10)
+
+
+def test_ifr_step_on_a_segformer_model() -> None:
+    """IFR works with any model exposing the pre-classifier feature: a tiny SegFormer."""
+    from semivss.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="segformer", hf_config={
+        "hidden_sizes": [8, 8, 8, 8], "depths": [1, 1, 1, 1], "num_attention_heads": [1, 1, 1, 1],
+        "decoder_hidden_size": 8})
+    model = build_model(cfg, 4)
+    out = IFR({"ramp_iters": 0}, 4).training_step(
+        nn.ModuleDict({"model": model}), random_batch(2, 2, h=32, w=32), 10, 100)
+    assert {"loss_rec_labeled", "loss_rec_unlabeled_strong"} <= set(out)
+    out["loss"].backward()
+    enc = model.param_groups()["backbone"]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in enc)

@@ -463,3 +463,35 @@ def test_resnet_imagenet_needs_local_file() -> None:
         imagenet_weights_path("resnet101")
     with pytest.raises(ConfigError, match="model.pretrained.*resnet18"):
         build_model(ModelConfig(backbone="resnet18"), 3)  # default pretrained: imagenet
+
+
+def test_init_from_loads_a_trained_model_and_keeps_new_heads(tmp_path: Path) -> None:
+    """model.init_from starts a model from trained weights (exported safetensors or a training
+    checkpoint); a representation head absent from the file keeps its init; a misfit is an error."""
+    from semivss.engine.checkpoint import save_checkpoint
+    from semivss.errors import ConfigError
+    from semivss.models import save_weights
+
+    torch.manual_seed(0)
+    base = ModelConfig(backbone="mobilenet_v2", pretrained=None)
+    trained = build_model(base, 5)
+    for p in trained.parameters():
+        p.data.uniform_(-0.1, 0.1)
+    st = save_weights(trained, tmp_path / "model.safetensors")
+    ckpt = tmp_path / "last.pt"
+    save_checkpoint(ckpt, {"models": {"model": trained.state_dict()},
+                           "meta": {"inference_model": "model"}})
+    for path in (st, ckpt):
+        student = build_model(base.model_copy(update={"init_from": str(path), "rep_head": True}), 5)
+        for k, v in trained.state_dict().items():
+            torch.testing.assert_close(student.state_dict()[k], v, msg=k)
+        assert student.init_report.missing and all(k.startswith("decoder.rep") for k in
+                                                    student.init_report.missing)
+    with pytest.raises(ConfigError, match=r"model\.init_from.*does not have"):
+        build_model(ModelConfig(arch="pspnet", feature_dim=256, pretrained=None,
+                                init_from=str(st)), 5)
+    with pytest.raises(ConfigError, match=r"model\.init_from.*has shape"):
+        build_model(ModelConfig(backbone="mobilenet_v2", pretrained=None, output_stride=8,
+                                feature_dim=128, init_from=str(st)), 5)
+    with pytest.raises(ConfigError, match=r"model\.init_from.*missing\.pt"):
+        build_model(base.model_copy(update={"init_from": str(tmp_path / "missing.pt")}), 5)

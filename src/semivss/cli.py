@@ -1,4 +1,4 @@
-"""Command line: ``semivss train | evaluate | predict | data ...``."""
+"""Command line: ``semivss train | evaluate | predict | pseudo-label | data ...``."""
 
 from __future__ import annotations
 
@@ -44,6 +44,53 @@ def _device(name: str):
     return torch.device(name)
 
 
+def _floats(text: Optional[str], option: str) -> Optional[tuple[float, ...]]:
+    """Parse a comma list of numbers (``0.5,0.75,1``) given to ``option``; None stays None."""
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{option}: expected numbers separated by commas, got {text!r}") from None
+    if not values:
+        raise typer.BadParameter(f"{option}: expected at least one number, got {text!r}")
+    return values
+
+
+def _load_predictor(
+    checkpoint: Path,
+    ensemble: list[Path],
+    weights: Optional[str],
+    scales: Optional[str],
+    flip: Optional[bool],
+    dev,
+    **overrides,
+):
+    """The checkpoint (+ ``--ensemble`` members) as one Predictor with TTA; (predictor, metas)."""
+    from semivss.experiment import load_ensemble
+
+    paths = [checkpoint, *ensemble]
+    return load_ensemble(
+        paths, dev, weights=list(_floats(weights, "--weights") or []) or None,
+        scales=_floats(scales, "--scales"), flip=flip, **overrides,
+    )
+
+
+def _describe(predictor) -> str:
+    """One line per member: checkpoint, weight, scales, flip."""
+    return "\n".join(
+        f"  {m.name}: weight {m.weight:.3g}, {m.cfg.mode} at {m.cfg.size or 'original size'}, "
+        f"scales {list(m.cfg.scales)}{', + flip' if m.cfg.flip else ''}"
+        for m in predictor.members
+    )
+
+
+ENSEMBLE_HELP = "Another checkpoint averaged with CHECKPOINT (repeat the option for more)."
+WEIGHTS_HELP = "Ensemble weights, one per checkpoint in order, comma-separated (normalised; default equal)."
+SCALES_HELP = "Test-time scales of the model input size, comma-separated, e.g. 0.5,0.75,1,1.25 (default: as trained)."
+FLIP_HELP = "Also average the horizontally flipped input (default: as trained)."
+
+
 def _fresh_dir(path: Path, overwrite: bool) -> Path:
     """Create an output folder; refuse to reuse a non-empty one unless ``overwrite``."""
     if path.exists() and any(path.iterdir()) and not overwrite:
@@ -86,17 +133,27 @@ def evaluate_cmd(
     label_every: int = typer.Option(8, help="Offset analysis: labeled positions p % k == k // 2."),
     label_position: Optional[int] = typer.Option(None, help="Offset analysis: one labeled frame per video at this position."),
     save_preds: bool = typer.Option(False, help="Write prediction PNGs (values 0..C-1) for every frame."),
+    ensemble: list[Path] = typer.Option([], "--ensemble", help=ENSEMBLE_HELP),
+    weights: Optional[str] = typer.Option(None, help=WEIGHTS_HELP),
+    scales: Optional[str] = typer.Option(None, help=SCALES_HELP),
+    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help=FLIP_HELP),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     overwrite: bool = typer.Option(False, help="Allow writing into a non-empty output folder."),
 ) -> None:
-    """Score a trained model: mIoU, per-class IoU, fwIoU, pixel accuracy, VC8/VC16 (+ offsets)."""
+    """Score a trained model or an ensemble: mIoU, per-class IoU, fwIoU, pixel accuracy, VC8/VC16 (+ offsets)."""
     from semivss.data.config import SplitConfig
-    from semivss.experiment import eval_config_from, evaluate_split, labeled_offsets, load_trained_model
+    from semivss.experiment import labeled_offsets
+    from semivss.inference.evaluate import evaluate
     from semivss.data import formats
     dev = _device(device)
-    model, meta = load_trained_model(checkpoint, dev)
-    ecfg = eval_config_from(meta, mode=mode, **({"size": _size(size)} if size is not None else {}))
+    predictor, metas = _load_predictor(checkpoint, ensemble, weights, scales, flip, dev, mode=mode,
+                                       **({"size": _size(size)} if size is not None else {}))
+    ecfg = predictor.members[0].cfg
     videoset = formats.load_dataset(fmt, data, split)
+    if videoset.num_classes != int(metas[0]["num_classes"]):
+        raise SemivssError(f"{checkpoint} predicts {metas[0]['num_classes']} classes, but {data} ({fmt}) has {videoset.num_classes}")
+    if len(predictor.members) > 1 or predictor.members[0].cfg.scales != (1.0,) or predictor.members[0].cfg.flip:
+        console.print("inference:\n" + _describe(predictor))
     out = _fresh_dir(out or checkpoint.parent.parent / f"eval-{split}", overwrite)
     rule = None
     if offsets:
@@ -107,8 +164,9 @@ def evaluate_cmd(
         )
     # The evaluated split is scored once; its per-frame results also feed the offset analysis.
     eval_offsets = labeled_offsets(videoset, rule) if rule else None
-    result = evaluate_split(
-        model, videoset, ecfg, dev, offsets=eval_offsets, save_dir=out / "preds" if save_preds else None
+    result = evaluate(
+        predictor, videoset, videoset.annotated(), ecfg, dev, offsets=eval_offsets,
+        save_dir=out / "preds" if save_preds else None,
     )
     console.print(result.table(title=f"{checkpoint.name} on {data.name} ({split} split)"))
     result.to_json(out / "metrics.json")
@@ -117,7 +175,7 @@ def evaluate_cmd(
         from semivss.metrics.offset import offset_table_text, plot_offsets, save_offset_tables
 
         train_set = formats.load_dataset(fmt, data, train_split)
-        train_res = evaluate_split(model, train_set, ecfg, dev, offsets=labeled_offsets(train_set, rule))
+        train_res = evaluate(predictor, train_set, train_set.annotated(), ecfg, dev, offsets=labeled_offsets(train_set, rule))
         tables = {f"train videos ({train_split})": train_res.offsets, f"held-out videos ({split})": result.offsets}
         typer.echo(offset_table_text(tables))
         save_offset_tables(tables, out / "offsets.json")
@@ -133,21 +191,110 @@ def predict(
     mode: Optional[str] = typer.Option(None, help="whole | slide (default: as trained)."),
     size: Optional[str] = typer.Option(None, help="Resize frames to HxW before the model; 'none' = original."),
     fps: Optional[float] = typer.Option(None, help="Frame rate of overlay.mp4 (default: the source's, or 10)."),
+    ensemble: list[Path] = typer.Option([], "--ensemble", help=ENSEMBLE_HELP),
+    weights: Optional[str] = typer.Option(None, help=WEIGHTS_HELP),
+    scales: Optional[str] = typer.Option(None, help=SCALES_HELP),
+    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help=FLIP_HELP),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     overwrite: bool = typer.Option(False, help="Allow replacing files in OUT."),
 ) -> None:
     """Segment a video (folder of frames or mp4): palette label PNGs, overlays and an H.264 mp4."""
     import numpy as np
 
-    from semivss.experiment import eval_config_from, load_trained_model
     from semivss.inference.video import predict_source
 
     dev = _device(device)
-    model, meta = load_trained_model(checkpoint, dev)
-    ecfg = eval_config_from(meta, mode=mode, **({"size": _size(size)} if size is not None else {}))
-    palette = np.asarray(meta["palette"], dtype=np.uint8)
-    summary = predict_source(model, source, out, palette, ecfg, dev, fps=fps, overwrite=overwrite)
+    predictor, metas = _load_predictor(checkpoint, ensemble, weights, scales, flip, dev, mode=mode,
+                                       **({"size": _size(size)} if size is not None else {}))
+    ecfg = predictor.members[0].cfg
+    palette = np.asarray(metas[0]["palette"], dtype=np.uint8)
+    summary = predict_source(predictor, source, out, palette, ecfg, dev, fps=fps, overwrite=overwrite)
     console.print(summary)
+
+
+@app.command("pseudo-label")
+def pseudo_label_cmd(
+    checkpoint: Path = typer.Argument(..., help="Teacher: checkpoints/best.pt, last.pt or model.safetensors"),
+    data: Path = typer.Option(..., "--data", help="Dataset root folder."),
+    out: Path = typer.Option(..., "--out", help="Pseudo-label set folder: manifest.json, labels/, entropy/"),
+    fmt: str = typer.Option("camvid", "--format", help=FORMATS),
+    split: str = typer.Option("train", help="Split whose unlabeled frames are labelled."),
+    label_every: Optional[int] = typer.Option(None, help="Labeled frames: positions p % k == k // 2 (camvid-ssvs 1/k)."),
+    label_position: Optional[int] = typer.Option(None, help="Labeled frames: one per video at this position."),
+    all_frames: bool = typer.Option(False, "--all-frames", help="Label every frame of the split, labeled ones too."),
+    ensemble: list[Path] = typer.Option([], "--ensemble", help=ENSEMBLE_HELP),
+    weights: Optional[str] = typer.Option(None, help=WEIGHTS_HELP),
+    scales: Optional[str] = typer.Option(None, help=SCALES_HELP + " SPEC 2.5: 0.571,0.714,0.857,1,1.143,1.286,1.429,1.571 --flip."),
+    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help=FLIP_HELP),
+    mode: Optional[str] = typer.Option(None, help="whole | slide (default: as trained)."),
+    size: Optional[str] = typer.Option(None, help="Model input size HxW at scale 1; 'none' = original."),
+    batch_size: Optional[int] = typer.Option(None, help="Frames per forward pass (default: as trained)."),
+    workers: int = typer.Option(0, help="Frame-reading worker processes."),
+    resume: bool = typer.Option(False, help="Continue an interrupted set: frames whose label PNG exists are skipped."),
+    overwrite: bool = typer.Option(False, help="Write into a non-empty OUT, replacing its files."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda (under torchrun: cuda:LOCAL_RANK)"),
+) -> None:
+    """Pseudo-label the unlabeled frames of a split with a teacher ensemble + TTA (SPEC 2.5, steps 2-3).
+
+    Labeled frames follow the label-ratio rule (--label-every / --label-position; default: the rule
+    the first checkpoint was trained with). Writes argmax label PNGs and uint8 entropy maps at each
+    frame's resolution. Launch with torchrun to shard the frames over processes.
+    """
+    from semivss.data import formats
+    from semivss.data.config import SplitConfig, build_split
+    from semivss.engine import dist
+    from semivss.inference.pseudo_label import make_manifest, pseudo_label
+
+    if sum([label_every is not None, label_position is not None, all_frames]) > 1:
+        raise SemivssError("give at most one of --label-every, --label-position and --all-frames")
+    if resume and overwrite:
+        raise SemivssError("give --resume or --overwrite, not both")
+    dist.init_distributed()
+    try:
+        dev = dist.pick_device(device)
+        overrides = {"mode": mode, "batch_size": batch_size, **({"size": _size(size)} if size is not None else {})}
+        predictor, metas = _load_predictor(checkpoint, ensemble, weights, scales, flip, dev, **overrides)
+        videoset = formats.load_dataset(fmt, data, split)
+        if videoset.num_classes != int(metas[0]["num_classes"]):
+            raise SemivssError(f"{checkpoint} predicts {metas[0]['num_classes']} classes, but {data} ({fmt}) has {videoset.num_classes}")
+        if all_frames:
+            frames, rule_dump = videoset.frames(), "all frames"
+        else:
+            if label_every is not None:
+                rule = SplitConfig(mode="every_kth", k=label_every)
+            elif label_position is not None:
+                rule = SplitConfig(mode="single", position=label_position)
+            else:
+                trained = ((metas[0].get("experiment") or {}).get("data") or {}).get("split")
+                if trained is None:
+                    raise SemivssError(f"{checkpoint} does not record its label-ratio rule; give --label-every, --label-position or --all-frames")
+                rule = SplitConfig(**trained)
+            frames, rule_dump = build_split(rule, videoset).unlabeled, rule.model_dump(mode="json")
+        if not frames:
+            raise SemivssError(f"{data} ({split}): no unlabeled frames under {rule_dump}")
+        first = predictor.members[0].cfg
+
+        def settings(cfg) -> dict:  # what shapes the outputs (not batch_size / vc)
+            return cfg.model_dump(mode="json", exclude={"batch_size", "vc"})
+
+        manifest = make_manifest(
+            dataset={"format": fmt, "root": str(data.resolve()), "split": split, "labeled": rule_dump},
+            classes=[str(c) for c in metas[0]["classes"]],
+            models=[{"path": str(Path(m.name).resolve()), "weight": m.weight, "eval": settings(m.cfg)}
+                    for m in predictor.members],
+            scales=first.scales, flip=first.flip, eval_cfg=settings(first), frames=frames,
+        )
+        if dist.is_main():
+            console.print(f"pseudo-labelling {len(frames)} frames of {data} ({split}) with:\n" + _describe(predictor))
+        counts = pseudo_label(
+            predictor, videoset, frames, out, videoset.num_classes, manifest, resume=resume, overwrite=overwrite,
+            device=dev, batch_size=first.batch_size, num_workers=workers,
+        )
+        if dist.is_main():
+            console.print(counts)
+            console.print(f"pseudo-labels -> {out}")
+    finally:
+        dist.cleanup()
 
 
 @app.command("compare-offsets")

@@ -15,6 +15,7 @@ from torch import nn
 from semivss.config import ExperimentConfig, dump_config
 from semivss.data import clips, splits
 from semivss.data.config import SplitConfig, build_augment, build_split, load_videosets
+from semivss.data.pseudo import PseudoLabeledFrames
 from semivss.data.video import FrameRef, VideoSet
 from semivss.engine import dist
 from semivss.engine.checkpoint import load_checkpoint
@@ -28,7 +29,8 @@ from semivss.models.config import ModelConfig
 
 
 def build_train_sets(cfg: ExperimentConfig, videoset: VideoSet, spec: Any) -> tuple[dict, dict]:
-    """Datasets and batch sizes the method asks for (``DataSpec``): labeled clips (+ unlabeled)."""
+    """Datasets and batch sizes the method asks for (``DataSpec``): labeled clips (+ unlabeled
+    clips, + frames of the pseudo-label set ``data.pseudo_labels`` under ``"pseudo"``)."""
     d = cfg.data
     augment = build_augment(d)
     split = build_split(d.split, videoset)
@@ -59,6 +61,19 @@ def build_train_sets(cfg: ExperimentConfig, videoset: VideoSet, spec: Any) -> tu
             strong_copies=spec.unlabeled_strong_copies,
         )
         sizes["unlabeled"] = d.unlabeled_batch_size
+    if getattr(spec, "pseudo_labeled", False):
+        if d.pseudo_labels is None:
+            raise ConfigError(
+                f"data.pseudo_labels: method '{cfg.method_name}' trains on a pseudo-label set; set it "
+                "to a folder written by `semivss pseudo-label`"
+            )
+        if d.unlabeled_batch_size < 1:
+            raise ConfigError(
+                f"data.unlabeled_batch_size: method '{cfg.method_name}' needs a positive batch size "
+                "for its pseudo-labeled frames"
+            )
+        sets["pseudo"] = PseudoLabeledFrames(videoset, d.pseudo_labels, augment, strong=spec.pseudo_strong)
+        sizes["pseudo"] = d.unlabeled_batch_size
     return sets, sizes
 
 
@@ -138,7 +153,7 @@ def load_trained_model(path: str | Path, device: torch.device | str = "cpu") -> 
             raise DataError(f"{path}: checkpoint has no model meta; was it written by semivss train?")
         name = meta.get("inference_model", "model")
         state = ckpt["models"][name]
-    model_cfg = ModelConfig(**{**meta["model"], "pretrained": None})
+    model_cfg = ModelConfig(**{**meta["model"], "pretrained": None, "init_from": None})
     model = build_model(model_cfg, int(meta["num_classes"]))
     model.load_state_dict(state)
     model.to(device).eval()
@@ -171,3 +186,42 @@ def evaluate_split(
 ) -> EvalResult:
     """Evaluate a model on every annotated frame of a split."""
     return evaluate(model, videoset, videoset.annotated(), cfg, device, offsets=offsets, save_dir=save_dir)
+
+
+def load_ensemble(
+    paths: list[str | Path] | list[Path],
+    device: torch.device | str = "cpu",
+    weights: list[float] | None = None,
+    **eval_overrides: Any,
+) -> tuple[Any, list[dict]]:
+    """Load checkpoints as one ``Predictor`` (SPEC section 2.5, steps 2 and 5).
+
+    Each member keeps its own evaluation settings (its checkpoint's ``eval`` section with
+    ``eval_overrides`` such as ``scales``/``flip``/``mode``/``size``; ``None`` = keep); ``weights``
+    (one per checkpoint) are normalised. All checkpoints must predict the same classes, in the same
+    order; otherwise a ``ConfigError`` names the checkpoint. Returns ``(predictor, metas)``.
+    """
+    from semivss.inference.predict import Member, Predictor, normalise_weights
+
+    if not paths:
+        raise ConfigError("no checkpoint given")
+    norm = normalise_weights(weights, len(paths))
+    members, metas = [], []
+    for path, weight in zip(paths, norm):
+        model, meta = load_trained_model(path, device)
+        if metas:
+            first = metas[0]
+            if int(meta["num_classes"]) != int(first["num_classes"]):
+                raise ConfigError(
+                    f"{path}: predicts {meta['num_classes']} classes, but {paths[0]} predicts "
+                    f"{first['num_classes']}; ensemble members must share their classes"
+                )
+            if list(meta.get("classes", [])) != list(first.get("classes", [])):
+                raise ConfigError(
+                    f"{path}: classes {meta.get('classes')} differ from those of {paths[0]} "
+                    f"({first.get('classes')}); ensemble members must share their classes"
+                )
+        cfg = eval_config_from(meta, **eval_overrides)
+        members.append(Member(model, cfg, weight, str(path)))
+        metas.append(meta)
+    return Predictor(members), metas

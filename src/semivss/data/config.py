@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from semivss.data.formats import load_dataset
+from semivss.data.remap import LabelMap
 from semivss.data.splits import Split, all_labeled, every_kth, single_frame
 from semivss.data.transforms import ClipAugment
 from semivss.data.video import VideoSet
@@ -50,6 +51,12 @@ class DataConfig(BaseModel):
     batch_size: int = Field(8, ge=1)
     unlabeled_batch_size: int = Field(8, ge=0)
     num_workers: int = Field(2, ge=0)
+    # folder written by `semivss pseudo-label` (SPEC 2.5), read by methods that ask for pseudo-labeled
+    # frames (batch size `unlabeled_batch_size`)
+    pseudo_labels: Path | None = None
+    # label lookup table (`semivss.data.remap`): source class ids -> target classes, unmapped -> 255;
+    # applied to the training and validation sets, whose classes become the target's
+    label_map: Path | None = None
 
     @field_validator("crop_size", "base_size")
     @classmethod
@@ -82,7 +89,12 @@ def build_augment(cfg: DataConfig) -> ClipAugment:
 
 
 def load_videosets(cfg: DataConfig) -> tuple[VideoSet, VideoSet | None]:
-    """(training video set, validation video set or None when `val_split` is null)."""
+    """(training video set, validation video set or None when `val_split` is null), both read
+    through `label_map` when it is set (`semivss.data.remap.LabelMap`)."""
     train = load_dataset(cfg.format, cfg.root, cfg.train_split)
     val = load_dataset(cfg.format, cfg.root, cfg.val_split) if cfg.val_split else None
+    if cfg.label_map is not None:
+        label_map = LabelMap.from_file(cfg.label_map)
+        train = label_map.remap_videoset(train)
+        val = label_map.remap_videoset(val) if val is not None else None
     return train, val

@@ -45,7 +45,7 @@ from semivss.errors import ConfigError, DataError, TrainingError
 from semivss.methods.base import Method
 
 EvaluateFn = Callable[[nn.Module, int], Mapping[str, float]]
-SPLITS = ("labeled", "unlabeled")
+SPLITS = ("labeled", "unlabeled", "pseudo")
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -94,7 +94,7 @@ class Trainer:
     """Trains ``method`` on ``train_sets`` and writes ``out_dir/{metrics.csv, tb/, checkpoints/,
     model.safetensors}``.
 
-    ``train_sets``: ``{"labeled": ds, "unlabeled": ds?}``; datasets are indexed with
+    ``train_sets``: ``{"labeled": ds, "unlabeled": ds?, "pseudo": ds?}``; datasets are indexed with
     ``(index, sample_seed)`` pairs and return dicts of tensors (collated by ``collate_fn``,
     default ``torch.utils.data.default_collate``). ``evaluate_fn(model, step)`` gets the
     inference model (eval mode, under ``torch.no_grad``) and the number of completed iterations;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
@@ -20,7 +21,10 @@ class EvalConfig(BaseModel):
     resolution); logits upsampled bilinearly to the label's resolution. ``mode="slide"``: windows of
     ``window`` every ``stride`` on the image resized to ``size`` (or at original resolution),
     logits averaged where windows overlap. ``vc``: window lengths of VC_n (SPEC section 3).
-    ``amp``: bf16 autocast on CPU, fp16 on CUDA.
+    ``amp``: bf16 autocast on CPU, fp16 on CUDA. ``scales`` x ``flip``: test-time augmentation
+    (SPEC section 2.5 steps 2 and 5): the model input size is ``size`` (or the original size) times
+    each scale, optionally also horizontally flipped; each view's softmax at the output resolution
+    is averaged. ``(1.0,)`` without flip is plain single-scale inference.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -32,6 +36,8 @@ class EvalConfig(BaseModel):
     batch_size: int = 4
     vc: tuple[int, ...] = (8, 16)
     amp: bool = False
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
 
     @field_validator("size")
     @classmethod
@@ -63,6 +69,15 @@ class EvalConfig(BaseModel):
         if any(n < 1 for n in v):
             raise ValueError(f"vc window lengths must be >= 1, got {v}")
         return v
+
+    @field_validator("scales")
+    @classmethod
+    def _check_scales(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v:
+            raise ValueError("scales must list at least one scale, e.g. [1.0]")
+        if any(not math.isfinite(s) or s <= 0 for s in v):
+            raise ValueError(f"scales must be positive finite numbers, got {v}")
+        return tuple(float(s) for s in v)
 
     @model_validator(mode="after")
     def _check_slide(self) -> EvalConfig:

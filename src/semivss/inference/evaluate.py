@@ -3,6 +3,8 @@
 Implements the protocol of SPEC sections 3 and 5: frames fed at ``cfg.size``, logits upsampled to
 the full-resolution label, one confusion matrix over all frames, VC_n over each video's annotated
 frames in order, and (optionally) per-frame confusion matrices pooled by offset (SPEC section 1).
+Predictions go through a :class:`~semivss.inference.predict.Predictor`, so multi-scale + flip TTA
+and checkpoint ensembles (SPEC section 2.5, step 5) work here too.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from torch import Tensor, nn
 
 from semivss.errors import DataError
 from semivss.inference.config import EvalConfig
-from semivss.inference.predict import eval_mode, input_logits, upsample
+from semivss.inference.predict import Predictor, as_predictor
 from semivss.inference.writers import check_new_output, save_label_png
 from semivss.metrics.confusion import ConfusionMatrix
 from semivss.metrics.offset import OffsetTable, offset_table
@@ -165,7 +167,7 @@ def _sum_over_ranks(value: int) -> int:
 
 
 def evaluate_items(
-    model: nn.Module,
+    model: nn.Module | Predictor,
     items: Iterable[Mapping[str, Any]],
     class_names: Sequence[str],
     cfg: EvalConfig,
@@ -186,11 +188,13 @@ def evaluate_items(
     Each item is a dict with ``image`` (3, h, w) normalised, ``label`` (H, W) at original
     resolution, ``video``, ``index`` and optionally ``has_label`` (frames without a label are
     predicted, and saved with ``save_dir``, but not scored); items come ordered by video, then
-    index. Consecutive frames
-    with equal input size are batched (up to ``cfg.batch_size``); each frame's logits are upsampled
-    to its own label size.
+    index. ``model`` is a model (run with ``cfg``, TTA included) or a :class:`Predictor` (an
+    ensemble; ``cfg`` then gives only ``batch_size`` and ``vc``); images must be prepared at
+    ``predictor.input_size``. Consecutive frames with equal input and label sizes are batched (up
+    to ``cfg.batch_size``); predictions are made at each frame's label size.
     """
     device = torch.device(device)
+    predictor = as_predictor(model, cfg)
     num_classes = len(class_names)
     cm = ConfusionMatrix(num_classes, ignore_index)
     vc = VideoConsistency(cfg.vc)
@@ -215,13 +219,13 @@ def evaluate_items(
     def flush(batch: list[Mapping[str, Any]]) -> None:
         nonlocal n_frames
         images = torch.stack([torch.as_tensor(b["image"]) for b in batch]).to(device)
-        logits = input_logits(model, images, cfg)
+        out_size = tuple(torch.as_tensor(batch[0]["label"]).shape[-2:])
+        preds, _ = predictor.predict(images, (int(out_size[0]), int(out_size[1])))
+        preds = preds.to("cpu")
         for j, item in enumerate(batch):
             label = _as_label(item["label"])
             video, index = str(item["video"]), int(item["index"])
-            with torch.inference_mode():
-                pred = upsample(logits[j : j + 1], (label.shape[-2], label.shape[-1]))
-                pred = pred.argmax(1)[0].to("cpu")
+            pred = preds[j]
             if out_dir is not None:
                 save_label_png(out_dir / video / f"{index:08d}.png", pred.numpy(), palette)
             if not bool(item.get("has_label", True)):
@@ -243,7 +247,11 @@ def evaluate_items(
                 raise DataError(f"frame {video}/{index}: {e}") from e
             n_frames += 1
 
-    with eval_mode(model), make_progress(progress) as bar:
+    def sizes(item: Mapping[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (tuple(torch.as_tensor(item["image"]).shape),
+                tuple(torch.as_tensor(item["label"]).shape[-2:]))
+
+    with predictor.eval_mode(), make_progress(progress) as bar:
         task = bar.add_task(f"eval {subset}", total=total)
         batch: list[Mapping[str, Any]] = []
         for item in items:
@@ -260,9 +268,7 @@ def evaluate_items(
                 )
             last_index[video] = index
             prev_video = video
-            shape = tuple(torch.as_tensor(item["image"]).shape)
-            if batch and (len(batch) == cfg.batch_size or
-                          tuple(torch.as_tensor(batch[0]["image"]).shape) != shape):
+            if batch and (len(batch) == cfg.batch_size or sizes(batch[0]) != sizes(item)):
                 flush(batch)
                 bar.advance(task, len(batch))
                 batch = []
@@ -305,7 +311,7 @@ def evaluate_items(
 
 
 def evaluate(
-    model: nn.Module,
+    model: nn.Module | Predictor,
     videoset: Any,
     frames: Sequence[Hashable],
     cfg: EvalConfig,
@@ -322,7 +328,9 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate ``model`` on the annotated ``frames`` (``FrameRef`` list) of ``videoset``.
 
-    Frames are read through ``semivss.data.clips.EvalFrames(videoset, frames, cfg.size)``.
+    ``model``: one model run with ``cfg`` (including its TTA ``scales``/``flip``), or a
+    :class:`Predictor` (ensemble; ``cfg`` then only gives ``batch_size`` and ``vc``). Frames are
+    read through ``semivss.data.clips.EvalFrames(videoset, frames, predictor.input_size)``.
     Returns an :class:`EvalResult` with mIoU, fwIoU, pixel accuracy, per-class IoU, VC_n and, when
     ``offsets`` (frame -> signed offset from the nearest labeled frame) is given, the per-offset
     table of ``subset`` / ``model_name``. ``save_dir``: prediction PNGs
@@ -332,7 +340,8 @@ def evaluate(
     """
     from semivss.data.clips import EvalFrames
 
-    ds = EvalFrames(videoset, list(frames), cfg.size)
+    predictor = as_predictor(model, cfg)
+    ds = EvalFrames(videoset, list(frames), predictor.input_size)
     items: Iterable[Mapping[str, Any]]
     if num_workers > 0:
         items = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False,
@@ -340,7 +349,7 @@ def evaluate(
     else:
         items = (ds[i] for i in range(len(ds)))
     return evaluate_items(
-        model,
+        predictor,
         items,
         list(videoset.classes),
         cfg,

@@ -17,7 +17,7 @@ from torch import nn
 from semivss.errors import DataError
 from semivss.inference.config import EvalConfig
 from semivss.inference.evaluate import make_progress
-from semivss.inference.predict import eval_mode, input_logits, upsample
+from semivss.inference.predict import Predictor, as_predictor
 from semivss.inference.writers import Mp4Writer, check_new_output, overlay, save_label_png
 
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
@@ -116,7 +116,7 @@ def _normalise(frame: np.ndarray, size: tuple[int, int] | None) -> torch.Tensor:
 
 
 def predict_source(
-    model: nn.Module,
+    model: nn.Module | Predictor,
     source: str | Path,
     out_dir: str | Path,
     palette: Any,
@@ -130,11 +130,14 @@ def predict_source(
     """Segment every frame of ``source``; write ``labels/<name>.png`` (palette PNGs at the frame's
     resolution), ``overlays/<name>.jpg`` and ``overlay.mp4`` (H.264) under ``out_dir``.
 
-    ``fps`` of the mp4 defaults to the source video's rate (10 for a folder); frames whose size
-    differs from the first are resized for the mp4 only. Refuses a non-empty ``out_dir`` unless
-    ``overwrite``. Returns a summary dict (frames, sizes, paths, seconds).
+    ``model``: one model run with ``cfg`` (TTA included), or a :class:`Predictor` (ensemble;
+    ``cfg`` then only gives ``batch_size``). ``fps`` of the mp4 defaults to the source video's rate
+    (10 for a folder); frames whose size differs from the first are resized for the mp4 only.
+    Refuses a non-empty ``out_dir`` unless ``overwrite``. Returns a summary dict (frames, sizes,
+    paths, seconds).
     """
     device = torch.device(device)
+    predictor = as_predictor(model, cfg)
     out = check_new_output(out_dir, overwrite)
     if fps is None:
         fps = source_fps(source) or 10.0
@@ -146,19 +149,18 @@ def predict_source(
     n = 0
     start = time.perf_counter()
 
-    with eval_mode(model), Mp4Writer(mp4_path, fps=fps) as mp4, make_progress(progress) as bar:
+    with predictor.eval_mode(), Mp4Writer(mp4_path, fps=fps) as mp4, make_progress(progress) as bar:
         task = bar.add_task(f"predict {Path(source).name}", total=None)
         batch: list[tuple[str, np.ndarray]] = []
 
         def flush() -> None:
             nonlocal n
-            images = torch.stack([_normalise(f, cfg.size) for _, f in batch]).to(device)
-            logits = input_logits(model, images, cfg)
+            images = torch.stack([_normalise(f, predictor.input_size) for _, f in batch]).to(device)
+            preds, _ = predictor.predict(images, batch[0][1].shape[:2])
+            preds = preds.to("cpu", torch.uint8)
             for j, (name, frame) in enumerate(batch):
                 h, w = frame.shape[:2]
-                with torch.inference_mode():
-                    pred = upsample(logits[j : j + 1], (h, w)).argmax(1)[0]
-                lab = pred.to("cpu", torch.uint8).numpy()
+                lab = preds[j].numpy()
                 save_label_png(labels_dir / f"{name}.png", lab, palette)
                 blend = overlay(frame, lab, palette, alpha)
                 Image.fromarray(blend).save(overlays_dir / f"{name}.jpg", quality=90)

@@ -9,6 +9,7 @@ from semivss.errors import ConfigError
 from semivss.methods.base import DataSpec, Method, seg_ce_loss, unwrap
 from semivss.methods.cps import CPS
 from semivss.methods.ifr import IFR
+from semivss.methods.self_training import SelfTraining
 from semivss.methods.supervised import Supervised
 from semivss.methods.u2pl import U2PL
 from semivss.methods.unimatch import UniMatch
@@ -19,6 +20,7 @@ METHODS: dict[str, type[Method]] = {
     "u2pl": U2PL,
     "cps": CPS,
     "unimatch": UniMatch,
+    "self_training": SelfTraining,
 }
 
 
@@ -40,4 +42,4 @@ def build_method(
     return cls(cfg, num_classes=num_classes, ignore_index=ignore_index)
 
 
-__all__ = ["CPS", "IFR", "METHODS", "DataSpec", "Method", "Supervised", "U2PL", "UniMatch", "build_method", "seg_ce_loss", "unwrap"]
+__all__ = ["CPS", "IFR", "METHODS", "DataSpec", "Method", "SelfTraining", "Supervised", "U2PL", "UniMatch", "build_method", "seg_ce_loss", "unwrap"]

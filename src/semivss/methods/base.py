@@ -24,7 +24,9 @@ class DataSpec:
     ``unlabeled_frames`` (N) frames per unlabeled sample (0 = no unlabeled batch), offsets from
     ``unlabeled_offsets``, strong copies if ``unlabeled_strong``; ``unlabeled_strong_copies`` > 1
     adds independently distorted copies under ``strong2``, ``strong3``, ... (UniMatch's two
-    strong views).
+    strong views). ``pseudo_labeled`` asks for frames of the offline pseudo-label set
+    (``data.pseudo_labels``, SPEC 2.5) under ``batch["pseudo"]`` (``image``, ``label``,
+    ``entropy``, ``valid``), with a strong photometric copy ``strong`` if ``pseudo_strong``.
     """
 
     context_frames: int = 0
@@ -34,6 +36,8 @@ class DataSpec:
     unlabeled_offsets: tuple[int, int] = (-29, 29)
     unlabeled_strong: bool = False
     unlabeled_strong_copies: int = 1
+    pseudo_labeled: bool = False
+    pseudo_strong: bool = False
 
     def __post_init__(self) -> None:
         for key in ("context_frames", "unlabeled_frames"):

@@ -270,6 +270,12 @@ class IFR(Method):
     ) -> dict[str, Tensor]:
         c = self.cfg
         model = models["model"]
+        if not getattr(unwrap(model), "supports_classify", True):
+            raise ConfigError(
+                f"method 'ifr' classifies reconstructed features with the model's final "
+                f"classifier, which {type(unwrap(model)).__name__} does not have (model.arch "
+                f"mask2former); use deeplabv3plus, pspnet, segformer or upernet"
+            )
         classify = unwrap(model).classify
         lab = batch["labeled"]
         label = lab["label"]

@@ -35,13 +35,14 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
 from semivss.errors import ConfigError
 from semivss.methods.base import DataSpec, Method, seg_ce_loss, unwrap
 from semivss.methods.parts import (
     ClassMemoryBank,
+    ContrastiveSettings,
     alpha_schedule,
     apply_cutmix,
     batch_cutmix_boxes,
@@ -82,10 +83,8 @@ class U2PL(Method):
 
     name: ClassVar[str] = "u2pl"
 
-    class Config(BaseModel):
+    class Config(ContrastiveSettings):
         """``method:`` parameters of U2PL (defaults: SPEC 2.3 / the official Cityscapes config)."""
-
-        model_config = ConfigDict(extra="forbid")
 
         unsup_weight: float = Field(1.0, ge=0.0)
         contrastive_weight: float = Field(0.1, ge=0.0)
@@ -93,23 +92,8 @@ class U2PL(Method):
         alpha0: float = Field(20.0, ge=0.0, le=100.0)
         cutmix_p: float = Field(0.5, ge=0.0, le=1.0)
         cutmix_area: float = Field(0.5, gt=0.0, le=1.0)
-        num_anchors: int = Field(256, ge=1)
-        num_negatives: int = Field(50, ge=1)
-        temperature: float = Field(0.5, gt=0.0)
-        anchor_threshold: float = Field(0.3, ge=0.0, le=1.0)
-        low_rank: int = Field(3, ge=1)
-        high_rank: int = Field(20, ge=2)
-        memory_size: int = Field(30000, ge=1)
         eval_teacher: bool = True
         sup_only_iters: int = Field(0, ge=0)
-
-        @model_validator(mode="after")
-        def _ranks(self) -> U2PL.Config:
-            if self.low_rank >= self.high_rank:
-                raise ValueError(
-                    f"low_rank ({self.low_rank}) must be smaller than high_rank ({self.high_rank})"
-                )
-            return self
 
     cfg: Config
 

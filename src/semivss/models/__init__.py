@@ -1,4 +1,5 @@
-"""semivss.models: encoders (torchvision key names), DeepLabV3+/PSPNet heads, ``build_model``."""
+"""semivss.models: encoders (torchvision key names), DeepLabV3+/PSPNet heads, transformers
+SegFormer/UperNet/Mask2Former wrappers (``semivss.models.hf``), ``build_model``."""
 
 from semivss.models.backbones import (
     ENCODER_NAMES,
@@ -8,13 +9,22 @@ from semivss.models.backbones import (
     build_encoder,
     count_parameters,
 )
-from semivss.models.config import ModelConfig
+from semivss.models.config import HF_ARCHS, VARIANTS, ModelConfig
 from semivss.models.heads import (
     ASPP,
     DeepLabV3PlusDecoder,
     PSPDecoder,
     PyramidPooling,
     RepresentationHead,
+)
+from semivss.models.hf import (
+    HFSegModel,
+    Mask2FormerSegModel,
+    SegformerSegModel,
+    UperNetSegModel,
+    build_hf_model,
+    hf_config_for,
+    mask2former_semantic_probs,
 )
 from semivss.models.segmodel import SegModel, build_model, default_feature_dim
 from semivss.models.weights import (
@@ -29,9 +39,13 @@ from semivss.models.weights import (
 __all__ = [
     "ASPP",
     "ENCODER_NAMES",
+    "HF_ARCHS",
+    "VARIANTS",
     "DeepLabV3PlusDecoder",
     "Encoder",
+    "HFSegModel",
     "LoadReport",
+    "Mask2FormerSegModel",
     "MobileNetV2",
     "ModelConfig",
     "PSPDecoder",
@@ -39,13 +53,18 @@ __all__ = [
     "RepresentationHead",
     "ResNet",
     "SegModel",
+    "SegformerSegModel",
+    "UperNetSegModel",
     "build_encoder",
+    "build_hf_model",
     "build_model",
     "count_parameters",
     "default_feature_dim",
+    "hf_config_for",
     "imagenet_weights_path",
     "load_encoder_weights",
     "load_model_weights",
+    "mask2former_semantic_probs",
     "read_state_dict",
     "save_weights",
 ]

@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Arch = Literal["deeplabv3plus", "pspnet"]
+Arch = Literal["deeplabv3plus", "pspnet", "segformer", "mask2former", "upernet"]
 Backbone = Literal["mobilenet_v2", "resnet18", "resnet34", "resnet50", "resnet101"]
+
+CNN_ARCHS: tuple[str, ...] = ("deeplabv3plus", "pspnet")
+HF_ARCHS: tuple[str, ...] = ("segformer", "mask2former", "upernet")
+SEGFORMER_VARIANTS: tuple[str, ...] = ("b0", "b1", "b2", "b3", "b4", "b5")
+SWIN_VARIANTS: tuple[str, ...] = ("swin-tiny", "swin-small", "swin-base", "swin-large")
+CONVNEXT_VARIANTS: tuple[str, ...] = (
+    "convnext-tiny", "convnext-small", "convnext-base", "convnext-large",
+)
+#: Valid ``model.variant`` values per transformers arch (the first one is the default).
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "segformer": SEGFORMER_VARIANTS,
+    "mask2former": SWIN_VARIANTS,
+    "upernet": SWIN_VARIANTS + CONVNEXT_VARIANTS,
+}
+#: ``hf_config`` keys semivss sets itself (from the dataset / the wrapper contract).
+RESERVED_HF_KEYS: tuple[str, ...] = (
+    "num_labels", "id2label", "label2id", "use_auxiliary_head", "model_type", "return_dict",
+)
+_CNN_DEFAULTS: dict[str, Any] = {
+    "backbone": "mobilenet_v2", "output_stride": 16, "feature_dim": None, "rep_head": False,
+}
 
 
 class ModelConfig(BaseModel):
@@ -18,6 +40,16 @@ class ModelConfig(BaseModel):
     ``.pth``/``.pt``/``.safetensors`` encoder checkpoint with torchvision key names.
     ``feature_dim`` overrides the width D of the feature before the final classifier (PSPNet
     bottleneck: 128 for resnet18, 512 otherwise; DeepLabV3+ decoder: 256).
+
+    Transformer arches (``segformer``, ``mask2former``, ``upernet``; built by
+    :mod:`semivss.models.hf` from ``transformers``): ``variant`` picks the published size
+    (SegFormer ``b0``..``b5``; Mask2Former ``swin-*``; UperNet ``swin-*``/``convnext-*``; default
+    the first of :data:`VARIANTS`), ``hf_config`` overrides keys of the transformers config (a
+    ``backbone_config`` sub-dict is merged into the backbone's config), and ``pretrained`` is
+    ``None`` or a local ``save_pretrained`` directory (``"imagenet"`` is an error; left unset it
+    defaults to ``None``). The CNN-only keys ``backbone``, ``output_stride``, ``feature_dim`` and
+    ``rep_head`` must keep their defaults; ``dropout`` is SegFormer's classifier dropout and
+    must keep its default for mask2former/upernet (set their dropouts through ``hf_config``).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -29,8 +61,13 @@ class ModelConfig(BaseModel):
     feature_dim: int | None = Field(default=None, gt=0)
     rep_head: bool = False
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    variant: str | None = None
+    hf_config: dict[str, Any] = Field(default_factory=dict)
+    # whole-model weights to start from (model.safetensors, a training checkpoint .pt, or a
+    # .pth/.safetensors state dict), applied after ``pretrained``
+    init_from: str | None = None
 
-    @field_validator("pretrained")
+    @field_validator("pretrained", "init_from")
     @classmethod
     def _none_string(cls, value: str | None) -> str | None:
         if value is None or value.strip().lower() in ("", "none", "null"):
@@ -38,10 +75,102 @@ class ModelConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _rep_head_needs_deeplab(self) -> ModelConfig:
+    def _check_arch_keys(self) -> ModelConfig:
+        if self.arch in HF_ARCHS:
+            if "pretrained" not in self.model_fields_set:
+                self.pretrained = None  # the CNN default "imagenet" means nothing here
+            if self.variant is None:
+                self.variant = VARIANTS[self.arch][0]
+        problem = config_problem(self)
+        if problem is not None:
+            raise ValueError(problem)
         if self.rep_head and self.arch != "deeplabv3plus":
             raise ValueError(
                 "model.rep_head: true requires model.arch: deeplabv3plus "
                 f"(got arch {self.arch!r}); the U2PL representation head uses the ASPP output"
             )
         return self
+
+
+def config_problem(cfg: ModelConfig) -> str | None:
+    """The first inconsistency between ``cfg.arch`` and the arch-specific keys, as a message
+    naming the key, or ``None``. Used by the pydantic validator and again by ``build_model``
+    (which raises :class:`~semivss.errors.ConfigError`) for configs built without validation."""
+    if cfg.arch in CNN_ARCHS:
+        if cfg.variant is not None:
+            return (
+                f"model.variant: {cfg.variant!r} applies to the transformer arches {HF_ARCHS} "
+                f"only; arch {cfg.arch!r} takes model.backbone"
+            )
+        if cfg.hf_config:
+            return (
+                f"model.hf_config applies to the transformer arches {HF_ARCHS} only, "
+                f"not to arch {cfg.arch!r}"
+            )
+        return None
+    if cfg.arch not in HF_ARCHS:
+        return f"model.arch: unknown architecture {cfg.arch!r}"
+    if cfg.rep_head:
+        return (
+            f"model.rep_head: true requires model.arch: deeplabv3plus, not {cfg.arch!r} (the "
+            "U2PL representation head uses the ASPP output)"
+        )
+    for key, default in _CNN_DEFAULTS.items():
+        value = getattr(cfg, key)
+        if value != default:
+            return (
+                f"model.{key}: {value!r} applies to the CNN arches {CNN_ARCHS} only; arch "
+                f"{cfg.arch!r} is sized by model.variant and model.hf_config (leave model.{key} "
+                f"at its default {default!r})"
+            )
+    if cfg.arch != "segformer" and cfg.dropout != 0.1:
+        return (
+            f"model.dropout: {cfg.dropout!r} is SegFormer's classifier dropout; arch "
+            f"{cfg.arch!r} has no such layer (set its dropouts through model.hf_config)"
+        )
+    if cfg.pretrained is not None and cfg.pretrained.strip().lower() == "imagenet":
+        return (
+            f"model.pretrained: 'imagenet' is meaningless for arch {cfg.arch!r}; set it to a "
+            "local directory written by transformers' save_pretrained (config.json + weights), "
+            "or to none"
+        )
+    variant = cfg.variant if cfg.variant is not None else VARIANTS[cfg.arch][0]
+    if variant not in VARIANTS[cfg.arch]:
+        return (
+            f"model.variant: unknown variant {variant!r} for arch {cfg.arch!r}; choose one of "
+            f"{list(VARIANTS[cfg.arch])}"
+        )
+    return _hf_config_problem(cfg)
+
+
+def _hf_config_problem(cfg: ModelConfig) -> str | None:
+    """Shape checks of ``hf_config`` that need no ``transformers`` import (key names are checked
+    against the transformers config classes when the model is built)."""
+    try:
+        json.dumps(cfg.hf_config, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        return f"model.hf_config must be JSON-serialisable (it is stored with checkpoints): {exc}"
+    for key, value in cfg.hf_config.items():
+        if key in RESERVED_HF_KEYS:
+            return (
+                f"model.hf_config.{key} is set by semivss (class count from the dataset, "
+                "auxiliary head off, dict outputs, model type from model.arch/model.variant); "
+                "remove it"
+            )
+        if key == "backbone_config":
+            if cfg.arch == "segformer":
+                return "model.hf_config.backbone_config: segformer has no separate backbone config"
+            if not isinstance(value, dict):
+                return "model.hf_config.backbone_config must be a mapping of backbone config keys"
+            if "model_type" in value:
+                return (
+                    "model.hf_config.backbone_config.model_type is set by model.variant "
+                    f"({list(VARIANTS[cfg.arch])}); remove it"
+                )
+    both = cfg.dropout != 0.1 and "classifier_dropout_prob" in cfg.hf_config
+    if cfg.arch == "segformer" and both:
+        return (
+            "model.dropout and model.hf_config.classifier_dropout_prob both set SegFormer's "
+            "classifier dropout; set only one"
+        )
+    return None

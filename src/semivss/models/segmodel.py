@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import Tensor, nn
 
-from semivss.errors import ConfigError
+from semivss.errors import ConfigError, DataError
 from semivss.models.backbones import Encoder, build_encoder
-from semivss.models.config import ModelConfig
+from semivss.models.config import HF_ARCHS, ModelConfig
 from semivss.models.heads import DeepLabV3PlusDecoder, PSPDecoder, init_head
-from semivss.models.weights import LoadReport, load_encoder_weights
+from semivss.models.weights import LoadReport, load_encoder_weights, load_model_weights
+
+if TYPE_CHECKING:
+    from semivss.models.hf import HFSegModel
 
 __all__ = ["SegModel", "build_model", "default_feature_dim"]
 
@@ -68,11 +73,43 @@ def default_feature_dim(cfg: ModelConfig) -> int:
     return 128 if cfg.backbone == "resnet18" else 512
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> SegModel:
+def build_model(cfg: ModelConfig, num_classes: int) -> SegModel | HFSegModel:
     """Build the network of ``cfg`` for ``num_classes`` classes and load its pretrained encoder
-    weights (``cfg.pretrained``); heads get Kaiming-normal init, BN weight 1 / bias 0."""
+    weights (``cfg.pretrained``); heads get Kaiming-normal init, BN weight 1 / bias 0.
+    Transformer arches (segformer, mask2former, upernet) are built by
+    :func:`semivss.models.hf.build_hf_model` (same forward contract). ``cfg.init_from`` then
+    overwrites the whole model with a trained model's weights (a student fine-tuned from its
+    supervised training, SPEC 2.5 step 4): every tensor of the file must fit; model keys the file
+    lacks (e.g. a new representation head) keep their initialisation and are listed in
+    ``model.init_report``."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
+    model = _build(cfg, num_classes)
+    if cfg.init_from is not None:
+        try:
+            report = load_model_weights(model, cfg.init_from, strict=False)
+        except (ConfigError, DataError) as exc:
+            raise ConfigError(f"model.init_from: {exc}") from exc
+        if report.unexpected:
+            raise ConfigError(
+                f"model.init_from: {cfg.init_from} holds tensors this model does not have: "
+                f"{report.unexpected[:8]} ({len(report.unexpected)} in all); was it trained with "
+                f"another model config?"
+            )
+        model.init_report = report  # type: ignore[assignment]
+    return model
+
+
+def _build(cfg: ModelConfig, num_classes: int) -> SegModel | HFSegModel:
+    if cfg.arch in HF_ARCHS:
+        from semivss.models.hf import build_hf_model  # imports transformers (slow) on demand
+
+        return build_hf_model(cfg, num_classes)
+    if cfg.variant is not None or cfg.hf_config:
+        raise ConfigError(
+            f"model.{'variant' if cfg.variant is not None else 'hf_config'} applies to the "
+            f"transformer arches {HF_ARCHS} only, not to arch {cfg.arch!r}"
+        )
     if cfg.rep_head and cfg.arch != "deeplabv3plus":
         raise ConfigError(
             f"model.rep_head: true requires model.arch: deeplabv3plus, not {cfg.arch!r}"

@@ -104,6 +104,13 @@ def read_state_dict(
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt, truncated, or needs arbitrary unpickling
         raise DataError(f"weights file {path} cannot be read: {type(exc).__name__}: {exc}") from exc
+    if isinstance(obj, Mapping) and isinstance(obj.get("models"), Mapping):
+        # a semivss training checkpoint: the inference model's state
+        meta = obj.get("meta") if isinstance(obj.get("meta"), Mapping) else {}
+        name = str(meta.get("inference_model", "model"))  # type: ignore[union-attr]
+        if not isinstance(obj["models"].get(name), Mapping):
+            raise DataError(f"weights file {path}: checkpoint has no model {name!r}")
+        obj = obj["models"][name]
     for _ in range(3):  # nested wrappers such as {"model": {"state_dict": ...}}
         if isinstance(obj, Mapping):
             inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)

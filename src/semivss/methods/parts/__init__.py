@@ -1,7 +1,12 @@
 """Reusable parts of online pseudo-label methods: EMA teacher, CutMix, entropy-based reliability,
 per-class memory bank and the U2PL contrastive loss (SPEC 2.3, 2.4)."""
 
-from semivss.methods.parts.contrastive import class_ranks, u2pl_contrastive_loss, u2pl_negative_masks
+from semivss.methods.parts.contrastive import (
+    ContrastiveSettings,
+    class_ranks,
+    u2pl_contrastive_loss,
+    u2pl_negative_masks,
+)
 from semivss.methods.parts.cutmix import (
     apply_cutmix,
     batch_cutmix_boxes,
@@ -21,6 +26,7 @@ from semivss.methods.parts.reliability import (
 
 __all__ = [
     "ClassMemoryBank",
+    "ContrastiveSettings",
     "EMATeacher",
     "alpha_schedule",
     "apply_cutmix",

@@ -23,11 +23,36 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from semivss.methods.parts.memory_bank import ClassMemoryBank, gather_rows
 
-__all__ = ["class_ranks", "u2pl_contrastive_loss", "u2pl_negative_masks"]
+__all__ = ["ContrastiveSettings", "class_ranks", "u2pl_contrastive_loss", "u2pl_negative_masks"]
+
+
+class ContrastiveSettings(BaseModel):
+    """Method config keys of the U2PL contrastive loss (SPEC 2.3), shared by the methods that use
+    it: anchors, negatives per anchor, temperature, anchor probability threshold, the rank window
+    ``[low_rank, high_rank)`` of unlikely classes and the memory bank size per class."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_anchors: int = Field(256, ge=1)
+    num_negatives: int = Field(50, ge=1)
+    temperature: float = Field(0.5, gt=0.0)
+    anchor_threshold: float = Field(0.3, ge=0.0, le=1.0)
+    low_rank: int = Field(3, ge=1)
+    high_rank: int = Field(20, ge=2)
+    memory_size: int = Field(30000, ge=1)
+
+    @model_validator(mode="after")
+    def _ranks(self) -> ContrastiveSettings:
+        if self.low_rank >= self.high_rank:
+            raise ValueError(
+                f"low_rank ({self.low_rank}) must be smaller than high_rank ({self.high_rank})"
+            )
+        return self
 
 
 def class_ranks(prob: Tensor) -> Tensor:

@@ -1,0 +1,258 @@
+"""Offline teacher-student self-training with unreliable pseudo-labels (SPEC 2.5 steps 3-4;
+PVUW 2024 seed, Eq. 1-6): the student is trained on labeled frames and on the frames of a stored
+pseudo-label set (argmax + entropy of the teacher ensemble, ``semivss pseudo-label``).
+
+One iteration (labeled batch x_l, y_l; pseudo-labeled batch x_p with pseudo-label y_p, entropy H
+in nats and a validity mask, see :mod:`semivss.data.pseudo`):
+
+1. Student on cat(x_l, x_p) (x_p = the strong photometric copy with ``strong: true``).
+2. L_s (Eq. 4): CE on the labeled frames (mean over non-ignored pixels).
+3. Reliable / unreliable split of the valid pseudo-labeled pixels (Eq. 2):
+   ``reliable: {mode: threshold, gamma}``: reliable iff H < gamma; default gamma = 0.5 ln C (half
+   the maximum entropy, i.e. the lower half of the stored quantisation range; 1.04 nats for the 8
+   synthetic classes, 1.20 for CamVid's 11). ``{mode: percentile, keep}``: the ``keep`` fraction
+   of valid pixels of the batch with the lowest entropy is reliable (exact count; ties broken by
+   ``torch.topk``). Every other valid pixel is unreliable; padding (``valid = False``) is neither.
+4. L_u (Eq. 5): CE against y_p on the reliable pixels only, mean over them (0 when none).
+5. L_c (Eq. 6): U2PL's contrastive loss (:func:`~semivss.methods.parts.u2pl_contrastive_loss`)
+   on ``out["rep"]`` (U2PL representation head, ``model.rep_head: true``) or else on
+   ``out["feature"]``, at that feature's resolution (labels / masks resampled nearest):
+   anchors of class c = student features of the reliable pixels pseudo-labeled c and of the
+   labeled pixels of class c whose student probability of c exceeds ``anchor_threshold``;
+   positive = mean of the student's own detached features over those pixels (the offline teacher's
+   features are not stored); negatives = ``num_negatives`` features per anchor from a per-class
+   FIFO memory bank (:class:`~semivss.methods.parts.ClassMemoryBank`, ``memory_size`` per class,
+   checkpointed in the method state) that receives the detached student features of the
+   negatives of each batch. Which pixels are negatives for class c (``negatives``):
+
+   - ``rank`` (default): an unreliable pixel whose pseudo-label is not c and for which c is an
+     unlikely class: rank of c in the student's detached probabilities in ``[low_rank,
+     high_rank)`` (U2PL's window, 3..19); plus labeled pixels whose ground truth is not c but that
+     rank c in the student's top ``low_rank`` (U2PL's confusable labeled negatives). Chosen by
+     default because the student's probabilities are at hand while the teacher's ranking is not
+     stored: they tell which classes are unlikely ("such pixels can be judged as negative samples
+     in the least likely category", seed section 3.4) and keep the classes the pixel is still
+     confused with (possibly its true class) out of its negatives.
+   - ``argmax``: every unreliable pixel whose stored pseudo-label (argmax) is not c, with no
+     ranking (only what the stored set says); labeled pixels give no negatives.
+
+   In both modes a pixel is never a negative of its own pseudo-label class.
+L = L_s + unsup_weight L_u + contrastive_weight L_c (lambda_u = 1.0, lambda_c = 0.1 as U2PL's
+paper value; temperature 0.5, 256 anchors x 50 negatives as U2PL).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor, nn
+
+from semivss.errors import ConfigError
+from semivss.methods.base import DataSpec, Method, seg_ce_loss
+from semivss.methods.parts import (
+    ClassMemoryBank,
+    ContrastiveSettings,
+    reliability_split,
+    step_generator,
+    u2pl_contrastive_loss,
+)
+from semivss.methods.u2pl import _nearest
+
+__all__ = ["ReliableConfig", "SelfTraining", "default_gamma", "split_reliable"]
+
+
+def default_gamma(num_classes: int) -> float:
+    """Default entropy threshold: half the maximum entropy, ``0.5 ln C`` nats."""
+    return 0.5 * math.log(max(num_classes, 2))
+
+
+class ReliableConfig(BaseModel):
+    """``method.reliable``: which valid pseudo-labeled pixels are reliable (SPEC 2.5 step 3).
+
+    ``threshold``: entropy < ``gamma`` nats (default ``0.5 ln C``); ``percentile``: the ``keep``
+    fraction of the batch's valid pixels with the lowest entropy (default 0.8, U2PL's initial
+    share)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["threshold", "percentile"] = "threshold"
+    gamma: float | None = Field(None, gt=0.0)
+    keep: float = Field(0.8, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _one_knob(self) -> ReliableConfig:
+        if self.mode == "percentile" and self.gamma is not None:
+            raise ValueError("gamma applies to mode 'threshold'; mode 'percentile' uses keep")
+        if self.mode == "threshold" and "keep" in self.model_fields_set:
+            raise ValueError("keep applies to mode 'percentile'; mode 'threshold' uses gamma")
+        return self
+
+
+def split_reliable(
+    ent: Tensor, valid: Tensor, cfg: ReliableConfig, num_classes: int
+) -> tuple[Tensor, Tensor]:
+    """``(reliable, unreliable)`` boolean masks of the shape of ``ent`` (module docstring, step 3):
+    both are inside ``valid`` and disjoint, and together they cover it."""
+    valid = valid.bool()
+    if cfg.mode == "threshold":
+        gamma = cfg.gamma if cfg.gamma is not None else default_gamma(num_classes)
+        reliable = valid & (ent < gamma)
+        return reliable, valid & ~reliable
+    return reliability_split(ent, 100.0 * (1.0 - cfg.keep), valid)
+
+
+class SelfTraining(Method):
+    """Student fine-tuning on labeled + offline pseudo-labeled frames (module docstring)."""
+
+    name: ClassVar[str] = "self_training"
+
+    class Config(ContrastiveSettings):
+        """``method:`` parameters (defaults in the module docstring)."""
+
+        unsup_weight: float = Field(1.0, ge=0.0)
+        contrastive_weight: float = Field(0.1, ge=0.0)
+        reliable: ReliableConfig = Field(default_factory=ReliableConfig)
+        strong: bool = False
+        negatives: Literal["rank", "argmax"] = "rank"
+        memory_size: int = Field(5000, ge=1)
+
+    cfg: Config
+
+    def __init__(
+        self, cfg: BaseModel | Mapping[str, Any] | None, num_classes: int, ignore_index: int = 255
+    ) -> None:
+        super().__init__(cfg, num_classes, ignore_index)
+        c = self.cfg
+        if c.contrastive_weight > 0 and c.negatives == "rank" and c.low_rank >= num_classes:
+            raise ConfigError(
+                f"method.low_rank ({c.low_rank}) must be smaller than the number of classes "
+                f"({num_classes}) with negatives: rank, or no pixel is ever a negative; "
+                "lower it or use negatives: argmax"
+            )
+        self.bank = ClassMemoryBank(num_classes, None, c.memory_size)
+
+    def data_spec(self) -> DataSpec:
+        """Labeled frames plus frames of the pseudo-label set (``batch["pseudo"]``)."""
+        return DataSpec(pseudo_labeled=True, pseudo_strong=self.cfg.strong)
+
+    def split(self, ent: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """Reliable / unreliable masks of a pseudo-labeled batch (:func:`split_reliable`)."""
+        return split_reliable(ent, valid, self.cfg.reliable, self.num_classes)
+
+    def training_step(
+        self, models: nn.ModuleDict, batch: dict[str, Any], step: int, max_steps: int
+    ) -> dict[str, Tensor]:
+        cfg = self.cfg
+        if "pseudo" not in batch:
+            raise ConfigError(
+                "method 'self_training' needs pseudo-labeled frames: set data.pseudo_labels to a "
+                "set written by `semivss pseudo-label`"
+            )
+        pseudo = batch["pseudo"]
+        x_l, y_l = batch["labeled"]["image"], batch["labeled"]["label"]
+        key = "strong" if cfg.strong else "image"
+        if key not in pseudo:
+            raise ConfigError(f"method 'self_training' with strong: {cfg.strong} needs batch['pseudo'][{key!r}]")
+        x_p, y_p = pseudo[key], pseudo["label"]
+        valid = pseudo["valid"].bool() & (y_p != self.ignore_index)
+        if tuple(x_l.shape[-2:]) != tuple(x_p.shape[-2:]):
+            raise ConfigError(
+                f"labeled crops {tuple(x_l.shape[-2:])} and pseudo-labeled crops "
+                f"{tuple(x_p.shape[-2:])} differ in size; they share data.crop_size"
+            )
+        n_l = x_l.shape[0]
+
+        out = models["model"](torch.cat([x_l, x_p]))
+        logits = out["logits"]
+        feats = out["rep"] if "rep" in out else out["feature"]
+        loss_sup = seg_ce_loss(logits[:n_l], y_l, self.ignore_index)
+
+        with torch.no_grad():
+            reliable, unreliable = self.split(pseudo["entropy"], valid)
+        target = y_p.masked_fill(~reliable, self.ignore_index)
+        loss_unsup = seg_ce_loss(logits[n_l:], target, self.ignore_index)
+
+        if cfg.contrastive_weight > 0:
+            loss_con = self.contrastive(feats, logits, y_l, y_p, reliable, unreliable)
+        else:
+            loss_con = feats.sum() * 0.0  # keeps a representation head in the graph (DDP)
+
+        loss = loss_sup + cfg.unsup_weight * loss_unsup + cfg.contrastive_weight * loss_con
+        n_valid = valid.sum().clamp(min=1).float()
+        return {
+            "loss": loss,
+            "loss_sup": loss_sup.detach(),
+            "loss_unsup": loss_unsup.detach(),
+            "loss_contra": loss_con.detach(),
+            "reliable_ratio": (reliable.sum().float() / n_valid).detach(),
+        }
+
+    def contrastive_inputs(
+        self, size: tuple[int, int], logits: Tensor, y_l: Tensor, y_p: Tensor, reliable: Tensor, unreliable: Tensor
+    ) -> dict[str, Any]:
+        """Arguments of :func:`u2pl_contrastive_loss` at feature resolution ``size`` (module
+        docstring, step 5): student probabilities, labels (ground truth, then pseudo-labels),
+        anchor / negative candidate masks, which samples are labeled, and the rank window."""
+        n_l = y_l.shape[0]
+        with torch.no_grad():
+            prob = torch.softmax(logits.detach().float(), dim=1)
+            if tuple(prob.shape[-2:]) != tuple(size):
+                prob = F.interpolate(prob, size=size, mode="bilinear", align_corners=False)
+            label = torch.cat([_nearest(y_l, size), _nearest(y_p, size)])
+            ones_l = torch.ones((n_l, *size), dtype=torch.bool, device=logits.device)
+            anchor = torch.cat([ones_l, _nearest(reliable, size)])
+            negative = torch.cat([ones_l if self.cfg.negatives == "rank" else ~ones_l, _nearest(unreliable, size)])
+            is_labeled = torch.arange(label.shape[0], device=logits.device) < n_l
+        if self.cfg.negatives == "rank":
+            low, high = self.cfg.low_rank, self.cfg.high_rank
+        else:  # every class but the pseudo-label (the part excludes label == c); labeled: none
+            low, high = 0, self.num_classes
+        return {
+            "prob": prob,
+            "label": label,
+            "anchor_mask": anchor,
+            "negative_mask": negative,
+            "is_labeled": is_labeled,
+            "low_rank": low,
+            "high_rank": high,
+        }
+
+    def contrastive(
+        self, feats: Tensor, logits: Tensor, y_l: Tensor, y_p: Tensor, reliable: Tensor, unreliable: Tensor
+    ) -> Tensor:
+        """L_c (Eq. 6) with the student's own detached features as keys; pushes this batch's
+        negatives into the memory bank."""
+        cfg = self.cfg
+        size = (int(feats.shape[-2]), int(feats.shape[-1]))
+        args = self.contrastive_inputs(size, logits, y_l, y_p, reliable, unreliable)
+        return u2pl_contrastive_loss(
+            feats,
+            feats,
+            args["prob"],
+            args["label"],
+            args["anchor_mask"],
+            args["negative_mask"],
+            args["is_labeled"],
+            self.bank,
+            num_anchors=cfg.num_anchors,
+            num_negatives=cfg.num_negatives,
+            temperature=cfg.temperature,
+            anchor_threshold=cfg.anchor_threshold,
+            low_rank=args["low_rank"],
+            high_rank=args["high_rank"],
+            ignore_index=self.ignore_index,
+            generator=step_generator(),  # CPU generator, seeded from the global RNG (exact resume)
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The memory bank (needed for an exact resume)."""
+        return {"bank": self.bank.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "bank" in state:
+            self.bank.load_state_dict(state["bank"], where="checkpoint method state 'bank'")
