@@ -412,3 +412,32 @@ def test_cli_ensemble_class_mismatch_and_evaluate_predict(tiny) -> None:
     r = runner.invoke(app, [str(a) for a in cmd], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert len(list((out / "labels").glob("*.png"))) == 6
+
+
+def test_cli_evaluate_reads_labels_through_a_label_map(tiny) -> None:
+    """--label-map: an identity table gives the same scores; a table onto fewer classes than the
+    model predicts is refused with both class counts."""
+    from semivss.cli import app
+    from semivss.data import formats
+
+    runner = CliRunner()
+    classes = list(formats.load_dataset("synthetic", tiny["data"], "val").classes)
+    ident = tiny["root"] / "identity.yaml"
+    ident.write_text(yaml.safe_dump({"target_classes": classes,
+                                     "map": {i: i for i in range(len(classes))}}))
+    fewer = tiny["root"] / "fewer.yaml"
+    fewer.write_text(yaml.safe_dump({"target_classes": ["a", "b"], "map": {0: 0, 1: 1}}))
+
+    def run_eval(out: Path, extra: list):
+        cmd = ["evaluate", tiny["trained"], "--data", tiny["data"], "--format", "synthetic",
+               "--out", out, *extra]
+        return runner.invoke(app, [str(a) for a in cmd])
+
+    assert run_eval(tiny["root"] / "lm0", []).exit_code == 0
+    assert run_eval(tiny["root"] / "lm1", ["--label-map", ident]).exit_code == 0
+    m0 = json.loads((tiny["root"] / "lm0" / "metrics.json").read_text())["metrics"]
+    m1 = json.loads((tiny["root"] / "lm1" / "metrics.json").read_text())["metrics"]
+    assert m1 == m0
+    res = run_eval(tiny["root"] / "lm2", ["--label-map", fewer])
+    assert res.exit_code != 0
+    assert f"predicts {len(classes)} classes" in str(res.exception) and "has 2" in str(res.exception)

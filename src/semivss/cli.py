@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -85,10 +85,30 @@ def _describe(predictor) -> str:
     )
 
 
+LABEL_MAP_HELP = "Read the labels through this lookup table (data.label_map; YAML/JSON/CSV)."
 ENSEMBLE_HELP = "Another checkpoint averaged with CHECKPOINT (repeat the option for more)."
 WEIGHTS_HELP = "Ensemble weights, one per checkpoint in order, comma-separated (normalised; default equal)."
 SCALES_HELP = "Test-time scales of the model input size, comma-separated, e.g. 0.5,0.75,1,1.25 (default: as trained)."
 FLIP_HELP = "Also average the horizontally flipped input (default: as trained)."
+
+
+def _load_set(fmt: str, data: Path, split: str, label_map: Optional[Path], meta: dict, ckpt: Path) -> Any:
+    """The video set to score or label, read through ``label_map`` (the lookup table of
+    ``data.label_map``); its classes must match the checkpoint's."""
+    from semivss.data import formats
+    from semivss.data.remap import LabelMap
+
+    videoset = formats.load_dataset(fmt, data, split)
+    if label_map is not None:
+        videoset = LabelMap.from_file(label_map).remap_videoset(videoset)
+    if videoset.num_classes != int(meta["num_classes"]):
+        trained_map = ((meta.get("experiment") or {}).get("data") or {}).get("label_map")
+        hint = f"; it was trained through --label-map {trained_map}" if trained_map and label_map is None else ""
+        raise SemivssError(
+            f"{ckpt} predicts {meta['num_classes']} classes, but {data} ({fmt}, {split}) has "
+            f"{videoset.num_classes}{hint}"
+        )
+    return videoset
 
 
 def _fresh_dir(path: Path, overwrite: bool) -> Path:
@@ -133,6 +153,7 @@ def evaluate_cmd(
     label_every: int = typer.Option(8, help="Offset analysis: labeled positions p % k == k // 2."),
     label_position: Optional[int] = typer.Option(None, help="Offset analysis: one labeled frame per video at this position."),
     save_preds: bool = typer.Option(False, help="Write prediction PNGs (values 0..C-1) for every frame."),
+    label_map: Optional[Path] = typer.Option(None, "--label-map", help=LABEL_MAP_HELP),
     ensemble: list[Path] = typer.Option([], "--ensemble", help=ENSEMBLE_HELP),
     weights: Optional[str] = typer.Option(None, help=WEIGHTS_HELP),
     scales: Optional[str] = typer.Option(None, help=SCALES_HELP),
@@ -144,14 +165,12 @@ def evaluate_cmd(
     from semivss.data.config import SplitConfig
     from semivss.experiment import labeled_offsets
     from semivss.inference.evaluate import evaluate
-    from semivss.data import formats
+
     dev = _device(device)
     predictor, metas = _load_predictor(checkpoint, ensemble, weights, scales, flip, dev, mode=mode,
                                        **({"size": _size(size)} if size is not None else {}))
     ecfg = predictor.members[0].cfg
-    videoset = formats.load_dataset(fmt, data, split)
-    if videoset.num_classes != int(metas[0]["num_classes"]):
-        raise SemivssError(f"{checkpoint} predicts {metas[0]['num_classes']} classes, but {data} ({fmt}) has {videoset.num_classes}")
+    videoset = _load_set(fmt, data, split, label_map, metas[0], checkpoint)
     if len(predictor.members) > 1 or predictor.members[0].cfg.scales != (1.0,) or predictor.members[0].cfg.flip:
         console.print("inference:\n" + _describe(predictor))
     out = _fresh_dir(out or checkpoint.parent.parent / f"eval-{split}", overwrite)
@@ -174,7 +193,7 @@ def evaluate_cmd(
     if rule is not None:
         from semivss.metrics.offset import offset_table_text, plot_offsets, save_offset_tables
 
-        train_set = formats.load_dataset(fmt, data, train_split)
+        train_set = _load_set(fmt, data, train_split, label_map, metas[0], checkpoint)
         train_res = evaluate(predictor, train_set, train_set.annotated(), ecfg, dev, offsets=labeled_offsets(train_set, rule))
         tables = {f"train videos ({train_split})": train_res.offsets, f"held-out videos ({split})": result.offsets}
         typer.echo(offset_table_text(tables))
@@ -222,6 +241,7 @@ def pseudo_label_cmd(
     label_every: Optional[int] = typer.Option(None, help="Labeled frames: positions p % k == k // 2 (camvid-ssvs 1/k)."),
     label_position: Optional[int] = typer.Option(None, help="Labeled frames: one per video at this position."),
     all_frames: bool = typer.Option(False, "--all-frames", help="Label every frame of the split, labeled ones too."),
+    label_map: Optional[Path] = typer.Option(None, "--label-map", help=LABEL_MAP_HELP),
     ensemble: list[Path] = typer.Option([], "--ensemble", help=ENSEMBLE_HELP),
     weights: Optional[str] = typer.Option(None, help=WEIGHTS_HELP),
     scales: Optional[str] = typer.Option(None, help=SCALES_HELP + " SPEC 2.5: 0.571,0.714,0.857,1,1.143,1.286,1.429,1.571 --flip."),
@@ -240,7 +260,6 @@ def pseudo_label_cmd(
     the first checkpoint was trained with). Writes argmax label PNGs and uint8 entropy maps at each
     frame's resolution. Launch with torchrun to shard the frames over processes.
     """
-    from semivss.data import formats
     from semivss.data.config import SplitConfig, build_split
     from semivss.engine import dist
     from semivss.inference.pseudo_label import make_manifest, pseudo_label
@@ -254,9 +273,7 @@ def pseudo_label_cmd(
         dev = dist.pick_device(device)
         overrides = {"mode": mode, "batch_size": batch_size, **({"size": _size(size)} if size is not None else {})}
         predictor, metas = _load_predictor(checkpoint, ensemble, weights, scales, flip, dev, **overrides)
-        videoset = formats.load_dataset(fmt, data, split)
-        if videoset.num_classes != int(metas[0]["num_classes"]):
-            raise SemivssError(f"{checkpoint} predicts {metas[0]['num_classes']} classes, but {data} ({fmt}) has {videoset.num_classes}")
+        videoset = _load_set(fmt, data, split, label_map, metas[0], checkpoint)
         if all_frames:
             frames, rule_dump = videoset.frames(), "all frames"
         else:
