@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from engine_toy import NUM_CLASSES, ToyRegions, pixel_accuracy_fn
-from test_u2pl import TinySegModel, ToyUnlabeled, toy_batch
+from test_u2pl import TinySegModel, ToyUnlabeled, _padding_mask, toy_batch
 from torch import Tensor, nn
 
 from semivss.data import ClipAugment, FrameRef, UnlabeledClips, load_folder
@@ -65,12 +65,19 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 # ------------------------------------------------------------------ CPS
+@pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("cutmix", [False, True])
-def test_cps_loss_equals_numpy_oracle(cutmix: bool) -> None:
+def test_cps_loss_equals_numpy_oracle(cutmix: bool, padded: bool) -> None:
+    """``padded``: the unlabeled crops carry a padding mask; the cross-supervision CE is then the
+    oracle's CE on the valid pixels alone (the box-mixed mask with CutMix)."""
     torch.manual_seed(0)
     method = CPS({"cutmix": cutmix, "cps_weight": 1.5}, NUM_CLASSES)
     models = method.build_models(Linear1x1)
     batch = toy_batch(n_l=2, n_u=3, size=16)
+    valid = np.ones((3, 16, 16), bool)
+    if padded:
+        batch["unlabeled"]["valid"] = _padding_mask()
+        valid = batch["unlabeled"]["valid"][:, 0].numpy()
     torch.manual_seed(5)
     out = method.training_step(models, batch, 0, 10)
 
@@ -84,10 +91,13 @@ def test_cps_loss_equals_numpy_oracle(cutmix: bool) -> None:
         mask = np.stack([box_mix_mask(16, 16, 3, (0.25, 0.5), g).numpy() for _ in range(3)])
         x_mix = np.where(mask[:, None], x_u[[1, 2, 0]], x_u)
         l1, l2 = _linear(net1, x_mix), _linear(net2, x_mix)
+        valid = np.where(mask, valid[[1, 2, 0]], valid)
     else:
         l1 = _linear(net1, np.concatenate([x_l, x_u]))
         l2 = _linear(net2, np.concatenate([x_l, x_u]))
-    cps = _ce(l1, l2.argmax(1)) + _ce(l2, l1.argmax(1))
+        valid = np.concatenate([np.ones((2, 16, 16), bool), valid])  # labeled pixels count
+    assert valid.all() != padded
+    cps = _ce(l1, np.where(valid, l2.argmax(1), 255)) + _ce(l2, np.where(valid, l1.argmax(1), 255))
     assert float(out["loss_sup"]) == pytest.approx(sup1, rel=1e-5)
     assert float(out["loss_sup2"]) == pytest.approx(sup2, rel=1e-5)
     assert float(out["loss_cps"]) == pytest.approx(cps, rel=1e-5)
@@ -166,13 +176,34 @@ def test_confident_ce_counts_all_pixels() -> None:
     assert float(confident_ce(logits, target, conf, 1.0)) == 0.0
 
 
+def test_confident_ce_counts_only_valid_pixels() -> None:
+    """Pixel 1 is padding: the loss is that of pixel 0 alone (confident or not, padding excluded)."""
+    logits = torch.tensor([[[[2.0, 0.0, 1.0]], [[0.0, 2.0, 1.0]]]])  # (1, 2, 1, 3)
+    target = torch.tensor([[[0, 0, 1]]])
+    conf = torch.tensor([[[0.99, 0.99, 0.5]]])
+    valid = torch.tensor([[[True, False, True]]])
+    ce0 = float(-torch.log_softmax(torch.tensor([2.0, 0.0]), 0)[0])
+    assert float(confident_ce(logits, target, conf, 0.95, valid)) == pytest.approx(ce0 / 2)
+    alone = confident_ce(logits[..., ::2], target[..., ::2], conf[..., ::2], 0.95)
+    assert float(confident_ce(logits, target, conf, 0.95, valid)) == pytest.approx(float(alone))
+    none = torch.zeros_like(valid)
+    assert float(confident_ce(logits, target, conf, 0.0, none)) == 0.0  # no valid pixel: 0, not NaN
+
+
+@pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("cutmix_p", [0.0, 1.0])
-def test_unimatch_loss_equals_numpy_oracle(cutmix_p: float) -> None:
+def test_unimatch_loss_equals_numpy_oracle(cutmix_p: float, padded: bool) -> None:
+    """``padded``: each stream's loss is the oracle's on the valid pixels alone (for the strong
+    views the padding mask is mixed with that view's box)."""
     torch.manual_seed(0)
     method = UniMatch({"conf_thresh": 0.3, "fp_dropout": 0.0, "cutmix_p": cutmix_p}, NUM_CLASSES)
     models = method.build_models(lambda: TinySegModel(bn=False, rep=False))
     net = models["model"]
     batch = toy_batch(n_l=2, n_u=3, size=16, strong=2)
+    valid = np.ones((3, 16, 16), bool)
+    if padded:
+        batch["unlabeled"]["valid"] = _padding_mask()
+        valid = batch["unlabeled"]["valid"][:, 0].numpy()
     torch.manual_seed(9)
     out = method.training_step(models, batch, 0, 10)
 
@@ -186,6 +217,7 @@ def test_unimatch_loss_equals_numpy_oracle(cutmix_p: float) -> None:
     conf, mask = pw.max(1), pw.argmax(1)
     conf1 = conf2 = conf
     mask1 = mask2 = mask
+    valid1 = valid2 = valid
     if cutmix_p:
         torch.manual_seed(9)
         g = step_generator()
@@ -198,20 +230,41 @@ def test_unimatch_loss_equals_numpy_oracle(cutmix_p: float) -> None:
         m1, m2 = b1.numpy(), b2.numpy()
         mask1, conf1 = np.where(m1, mask[perm], mask), np.where(m1, conf[perm], conf)
         mask2, conf2 = np.where(m2, mask[perm], mask), np.where(m2, conf[perm], conf)
+        valid1, valid2 = np.where(m1, valid[perm], valid), np.where(m2, valid[perm], valid)
+        assert not padded or (valid1 != valid).any() or (valid2 != valid).any()
 
-    def conf_ce(logits: np.ndarray, target: np.ndarray, c: np.ndarray) -> float:
+    def conf_ce(logits: np.ndarray, target: np.ndarray, c: np.ndarray, v: np.ndarray) -> float:
+        """Mean over the valid pixels of the confident CE (valid pixels alone)."""
         nll = -np.take_along_axis(_log_softmax(logits), target[:, None], 1)[:, 0]
-        return float((nll * (c >= 0.3)).sum() / target.size)
+        return float((nll * (c >= 0.3))[v].sum() / v.sum())
 
     sup = _ce(up(batch["labeled"]["image"]), batch["labeled"]["label"].numpy())
-    l1, l2 = conf_ce(up(s1), mask1, conf1), conf_ce(up(s2), mask2, conf2)
-    lfp = conf_ce(up(unl["image"][:, 0]), mask, conf)  # dropout 0: the fp stream is the clean one
+    l1, l2 = conf_ce(up(s1), mask1, conf1, valid1), conf_ce(up(s2), mask2, conf2, valid2)
+    lfp = conf_ce(up(unl["image"][:, 0]), mask, conf, valid)  # dropout 0: the fp stream is the clean one
     expected = (sup + 0.25 * l1 + 0.25 * l2 + 0.5 * lfp) / 2
     assert float(out["loss_sup"]) == pytest.approx(sup, rel=1e-5)
     assert float(out["loss_fp"]) == pytest.approx(lfp, rel=1e-5)
     assert float(out["loss_s"]) == pytest.approx((l1 + l2) / 2, rel=1e-5)
     assert float(out["loss"].detach()) == pytest.approx(expected, rel=1e-5)
-    assert float(out["mask_ratio"]) == pytest.approx(float((conf >= 0.3).mean()), rel=1e-6)
+    assert float(out["mask_ratio"]) == pytest.approx(float((conf >= 0.3)[valid].mean()), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["cps", "unimatch"])
+def test_all_valid_mask_gives_exactly_the_previous_result(name: str) -> None:
+    outs = []
+    for with_mask in (False, True):
+        torch.manual_seed(0)
+        method: Method = CPS(None, NUM_CLASSES) if name == "cps" else UniMatch({"cutmix_p": 1.0}, NUM_CLASSES)
+        models = method.build_models(lambda: TinySegModel(rep=False))
+        models.train()
+        batch = toy_batch(n_l=2, n_u=3, size=16, strong=2)
+        if with_mask:
+            batch["unlabeled"]["valid"] = torch.ones(3, 1, 16, 16, dtype=torch.bool)
+        torch.manual_seed(5)
+        outs.append(method.training_step(models, batch, 0, 10))
+    assert outs[0].keys() == outs[1].keys()
+    for key in outs[0]:
+        assert torch.equal(outs[0][key], outs[1][key]), key
 
 
 def test_unimatch_needs_two_strong_views() -> None:

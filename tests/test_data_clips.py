@@ -260,3 +260,87 @@ def test_dataloader_batch_matches_contract(tmp_path: Path) -> None:
     again = next(iter(DataLoader(lab, sampler=pairs, **kw)))  # type: ignore[arg-type]
     assert all(torch.equal(b1[k], again[k]) for k in b1)
     assert torch.equal(b1["image"][1], lab[(0, 12)]["image"])
+
+
+# ------------------------------------------------------------------ padding mask of unlabeled clips
+def _coord_folder(root: Path, h: int, w: int, n: int = 2) -> Path:
+    """Frames encoding their pixel coordinates: R = 4 * row, G = 4 * col, B = 255 (the padding
+    fill has B = 104, so B tells frame pixels from padding)."""
+    (root / "meta.yaml").write_text("classes: [a, b]\n")
+    for sub in ("videos", "labels"):
+        (root / sub / "v").mkdir(parents=True)
+    rows, cols = np.mgrid[0:h, 0:w]
+    img = np.stack([4 * rows, 4 * cols, np.full_like(rows, 255)], -1).astype(np.uint8)
+    for i in range(n):
+        cv2.imwrite(str(root / "videos" / "v" / f"{i:06d}.png"), img[:, :, ::-1])
+        cv2.imwrite(str(root / "labels" / "v" / f"{i:06d}.png"), np.zeros((h, w), np.uint8))
+    return root
+
+
+def test_unlabeled_valid_is_true_exactly_on_the_frame_pixels(tmp_path: Path) -> None:
+    vs = load_folder(_coord_folder(tmp_path, 20, 24))  # smaller than the crop: always padded
+    aug = ClipAugment((32, 40), base_size=None, scale_range=(1.0, 1.0))
+    ds = UnlabeledClips(vs, vs.frames(), aug, num_frames=2, strong=True)
+    flips = set()
+    for seed in range(8):
+        s = ds[(0, seed)]
+        valid = s["valid"]
+        assert valid.dtype == torch.bool and valid.shape == (2, 32, 40)
+        assert torch.equal(valid[0], valid[1])  # one geometry per clip
+        img = denormalize(s["image"][0])
+        np.testing.assert_array_equal(valid[0].numpy(), img[:, :, 2] == 255)
+        assert not (img[~valid[0].numpy()] != FILL).any()  # padding is the fill colour
+        ys, xs = np.nonzero(valid[0].numpy())
+        assert valid[0].sum() == 20 * 24 and ys.max() - ys.min() == 19 and xs.max() - xs.min() == 23
+        assert not valid[0, :6].any() and not valid[0, -6:].any()  # centred: 6 padded rows each side
+        box = img[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(int)
+        np.testing.assert_array_equal(box[:, 0, 0], 4 * np.arange(20))  # rows kept in order
+        flipped = box[0, 0, 1] != 0
+        np.testing.assert_array_equal(box[0, :, 1], 4 * np.arange(24)[::-1] if flipped else 4 * np.arange(24))
+        flips.add(bool(flipped))
+    assert flips == {True, False}
+
+
+def test_unlabeled_valid_follows_down_scaling_and_random_crops(tmp_path: Path) -> None:
+    vs = load_folder(_coord_folder(tmp_path, 40, 60))
+    aug = ClipAugment((16, 40), base_size=None, scale_range=(0.5, 0.5))  # 20x30: crop rows, pad cols
+    ds = UnlabeledClips(vs, vs.frames(), aug, num_frames=1)
+    starts, flips = set(), set()
+    for seed in range(8):
+        s = ds[(1, seed)]
+        valid = s["valid"][0].numpy()
+        img = denormalize(s["image"][0])
+        np.testing.assert_array_equal(valid, img[:, :, 2] == 255)  # bilinear keeps B = 255 inside
+        assert valid[:, 5:35].all() and not valid[:, :5].any() and not valid[:, 35:].any()
+        r = img[:, 20, 0].astype(int)  # row coordinate: ~8 per output row after the 0.5 rescale
+        assert np.all(np.diff(r) == 8)  # consecutive source rows, not flipped vertically
+        starts.add(int(r[0]))
+        g = img[8, 5:35, 1].astype(int)
+        flips.add(bool(g[0] > g[-1]))
+        assert np.all(np.abs(np.diff(g)) == 8)
+    assert len(starts) > 1 and flips == {True, False}  # the crop and the flip vary with the seed
+
+
+def test_adding_the_valid_mask_leaves_images_and_draws_unchanged(tmp_path: Path) -> None:
+    """Oracle: the previous code path (no mask through the augmentation) with the same draws."""
+    vs = load_folder(_write_folder(tmp_path, {"v": 5, "w": 3}))
+    aug = ClipAugment((40, 56), base_size=(48, 64), scale_range=(0.5, 2.0))
+    ds = UnlabeledClips(vs, vs.frames(), aug, num_frames=3, offsets=(-2, 2), strong=True, strong_copies=2)
+    strong = StrongPhotometric()
+    padded = 0
+    for idx, seed in [(0, 0), (1, 12345), (4, 0), (6, 7), (7, 3), (2, 99)]:
+        s = ds[(idx, seed)]
+        rng = np.random.default_rng(seed)
+        ref = ds.frames[idx]
+        video = vs.video(ref.video)
+        pos = video.position(ref.index)
+        others = pick_neighbours(rng, len(video), pos, 2, (-2, 2))
+        images = [vs.read_image(video.frames[q]) for q in [pos, *others]]
+        imgs, _ = aug(images, [None] * 3, int(rng.integers(2**32)))
+        assert torch.equal(s["image"], torch.stack([to_tensor(im) for im in imgs]))
+        assert s["offset"].tolist() == [0] + [q - pos for q in others]
+        for key in ("strong", "strong2"):
+            expect = torch.stack([to_tensor(strong(im, int(rng.integers(2**32)))) for im in imgs])
+            assert torch.equal(s[key], expect), key
+        padded += int((~s["valid"]).any())
+    assert padded > 0  # some of these samples are down-scaled and padded

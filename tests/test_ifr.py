@@ -540,3 +540,34 @@ def test_ifr_step_on_a_segformer_model() -> None:
     out["loss"].backward()
     enc = model.param_groups()["backbone"]
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in enc)
+
+
+def test_unlabeled_padding_gets_no_pseudo_label() -> None:
+    """Pixels of u0 outside the frame (crop padding, batch["unlabeled"]["valid"] False) are left
+    out of the unlabeled reconstruction terms: the loss equals the one with those pixels' pseudo-
+    labels ignored, and an all-valid mask changes nothing."""
+    torch.manual_seed(0)
+    model = TwoLayer().eval()
+    models = nn.ModuleDict({"model": model})
+    batch = random_batch(2, 2, seed=7)
+    method = IFR({"use_labeled": False, "use_labeled_strong": False}, 4)
+    plain = method.training_step(models, batch, 10, 100)
+    valid = torch.ones(2, 2, 16, 16, dtype=torch.bool)
+    same = method.training_step(models, {**batch, "unlabeled": {**batch["unlabeled"],
+                                                                "valid": valid}}, 10, 100)
+    torch.testing.assert_close(same["loss"], plain["loss"])
+    valid[:, :, :, 8:] = False  # right half is padding
+    padded = method.training_step(models, {**batch, "unlabeled": {**batch["unlabeled"],
+                                                                  "valid": valid}}, 10, 100)
+    # oracle: the unlabeled term computed by hand with the right half ignored
+    u0 = batch["unlabeled"]["image"][:, 0]
+    o0, o1 = model(u0), model(batch["unlabeled"]["image"][:, 1])
+    pseudo = F.interpolate(o0["logits"], size=(16, 16), mode="bilinear",
+                           align_corners=False).argmax(1)
+    pseudo[:, :, 8:] = 255
+    protos, present = class_prototypes(o1["feature"], o1["logits"].argmax(1), 4)
+    logits = model.classify(reconstruct(o0["feature"], protos, present, 0.5)) / 0.01
+    logits = F.interpolate(logits, size=(16, 16), mode="bilinear", align_corners=False)
+    expect = F.cross_entropy(logits, pseudo, ignore_index=255)
+    torch.testing.assert_close(padded["loss_rec_unlabeled"], expect)
+    assert not torch.allclose(padded["loss_rec_unlabeled"], plain["loss_rec_unlabeled"])

@@ -25,11 +25,13 @@ from semivss.methods.parts import (
     ema_update,
     entropy,
     entropy_rank_mask,
+    ignore_invalid,
     make_teacher,
     reliability_split,
     roll_permutation,
     u2pl_contrastive_loss,
     u2pl_negative_masks,
+    unlabeled_valid,
 )
 
 
@@ -366,3 +368,44 @@ def test_contrastive_sampling_is_reproducible_with_a_generator() -> None:
                                generator=gen(4), **kw)
     assert float(la) == float(lb) and float(la) > 0
     assert float(la) != float(lc)
+
+
+# ------------------------------------------------------------------ padding masks
+def test_unlabeled_valid_reads_one_frame_and_checks_the_shape() -> None:
+    image = torch.zeros(2, 3, 3, 4, 5)
+    assert unlabeled_valid({"image": image}) is None  # older batches: every pixel valid
+    valid = torch.zeros(2, 3, 4, 5, dtype=torch.uint8)
+    valid[:, 1, :2] = 1
+    got = unlabeled_valid({"image": image, "valid": valid}, frame=1)
+    assert got is not None and got.dtype == torch.bool and got.shape == (2, 4, 5)
+    assert int(got.sum()) == 2 * 2 * 5 and not bool(unlabeled_valid({"image": image, "valid": valid}).any())
+    with pytest.raises(ValueError, match=r"batch\['unlabeled'\]\['valid'\].*\(2, 3, 4, 5\)"):
+        unlabeled_valid({"image": image, "valid": torch.ones(2, 4, 5, dtype=torch.bool)})
+
+
+def test_ignore_invalid_sets_the_ignore_label() -> None:
+    target = torch.tensor([[[0, 1], [2, 3]]])
+    valid = torch.tensor([[[True, False], [False, True]]])
+    assert ignore_invalid(target, valid).tolist() == [[[0, 255], [255, 3]]]
+    assert ignore_invalid(target, None) is target
+    with pytest.raises(ValueError, match="does not match"):
+        ignore_invalid(target, valid[:, :1])
+
+
+def test_cutmix_carries_the_padding_mask_with_the_box() -> None:
+    """A pasted padded region stays invalid; a pasted frame region becomes valid."""
+    valid = torch.ones(2, 4, 4, dtype=torch.bool)
+    valid[1, :, 2:] = False  # sample 1: right half padded
+    label = torch.arange(2).view(2, 1, 1).expand(2, 4, 4).clone()
+    box = torch.zeros(2, 4, 4, dtype=torch.bool)
+    box[0, 1:3, 1:4] = True  # sample 0 pastes columns 1..3 of sample 1
+    box[1, :, 3] = True  # sample 1 pastes column 3 of sample 0
+    perm = roll_permutation(2)
+    _, mixed_label, mixed_valid = apply_cutmix(None, label, valid, box, perm)
+    assert mixed_valid is not None and mixed_valid.dtype == torch.bool
+    expected0 = torch.ones(4, 4, dtype=torch.bool)
+    expected0[1:3, 2:4] = False  # the padded part of the pasted box
+    expected1 = torch.tensor([[False, False, False, True]] * 4) | torch.tensor([True, True, False, False])
+    assert torch.equal(mixed_valid[0], expected0) and torch.equal(mixed_valid[1], expected1)
+    assert torch.equal(apply_cutmix(None, valid, None, box, perm)[1], mixed_valid)  # as a label too
+    assert mixed_label is not None and torch.equal(mixed_label[0][box[0]], torch.ones(6, dtype=torch.long))

@@ -16,7 +16,8 @@ from torch.utils.data import Dataset
 
 from semivss.engine import OptimConfig, ScheduleConfig, TrainConfig, Trainer, load_checkpoint
 from semivss.errors import ConfigError
-from semivss.methods.u2pl import U2PL
+from semivss.methods.parts import batch_cutmix_boxes, step_generator
+from semivss.methods.u2pl import U2PL, u2pl_unsup_loss
 from semivss.models import ModelConfig, SegModel, build_model
 
 
@@ -181,6 +182,130 @@ def test_real_deeplab_with_rep_head_runs_a_step() -> None:
     out["loss"].backward()
     assert torch.isfinite(out["loss"].detach()) and float(out["loss_contra"]) > 0
     assert method.bank.dim == 256
+
+
+# ------------------------------------------------------------------ padding (valid) mask
+def _padding_mask(n_u: int = 3, size: int = 16) -> Tensor:
+    """(B,1,H,W) validity: sample 0 has its bottom half padded, sample 1 its left 5 columns,
+    sample 2 none."""
+    valid = torch.ones(n_u, 1, size, size, dtype=torch.bool)
+    valid[0, 0, size // 2 :] = False
+    valid[1, 0, :, :5] = False
+    return valid
+
+
+def test_unsup_loss_on_valid_pixels_equals_the_loss_on_the_valid_half_alone() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 6, 8, generator=g)
+    pseudo = torch.randint(0, 4, (2, 6, 8), generator=g)
+    ent = torch.rand(2, 6, 8, generator=g)
+    valid = torch.zeros(2, 6, 8, dtype=torch.bool)
+    valid[..., :4] = True  # half the pixels
+    loss, rel, unrel = u2pl_unsup_loss(logits, pseudo, ent, 25.0, valid)
+    half, rel_h, unrel_h = u2pl_unsup_loss(logits[..., :4], pseudo[..., :4], ent[..., :4], 25.0)
+    assert float(loss) == pytest.approx(float(half), rel=1e-6)
+    assert torch.equal(rel[..., :4], rel_h) and torch.equal(unrel[..., :4], unrel_h)
+    assert not rel[..., 4:].any() and not unrel[..., 4:].any()
+    assert int(unrel.sum()) == 12  # 25 % of the 48 valid pixels (not of 96): percentile over valid only
+    # hand formula: mean CE over reliable x (valid / reliable)
+    ce = F.cross_entropy(logits, pseudo, reduction="none")
+    assert float(loss) == pytest.approx(float(ce[rel].mean() * 48 / 36), rel=1e-6)
+    full, _, _ = u2pl_unsup_loss(logits, pseudo, ent, 25.0)
+    assert torch.equal(u2pl_unsup_loss(logits, pseudo, ent, 25.0, torch.ones_like(valid))[0], full)
+
+
+@pytest.mark.parametrize("cutmix_p", [0.0, 1.0])
+def test_unsupervised_loss_ignores_padded_pixels_numpy_oracle(cutmix_p: float) -> None:
+    """The oracle of ``test_unsupervised_loss_equals_numpy_oracle`` on the valid pixels alone; with
+    CutMix the validity mask is mixed with the same box as the image and the pseudo-label."""
+    torch.manual_seed(0)
+    method = U2PL({"cutmix_p": cutmix_p}, NUM_CLASSES)
+    models = method.build_models(lambda: TinySegModel(bn=False))  # teacher == student, train == eval
+    models.train()
+    batch = toy_batch(n_l=2, n_u=3, size=16)
+    batch["unlabeled"]["valid"] = _padding_mask()
+    torch.manual_seed(5)
+    out = method.training_step(models, batch, step=3, max_steps=12)  # alpha_t = 15 %
+
+    x_u = batch["unlabeled"]["image"][:, 0]
+    valid = batch["unlabeled"]["valid"][:, 0]
+
+    def logits_of(x: Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return F.interpolate(models["model"](x)["logits"], size=(16, 16), mode="bilinear",
+                                 align_corners=False).double().numpy()
+
+    pseudo = logits_of(x_u).argmax(1)
+    x_s = x_u
+    if cutmix_p:
+        torch.manual_seed(5)
+        g = step_generator()
+        torch.rand((), generator=g)  # the per-batch coin
+        box = batch_cutmix_boxes(3, 16, 16, p=1.0, area=0.5, generator=g)
+        perm = [1, 2, 0]
+        x_s = torch.where(box[:, None], x_u[perm], x_u)
+        pseudo = np.where(box.numpy(), pseudo[perm], pseudo)
+        valid = torch.where(box, valid[perm], valid)
+        assert (valid != batch["unlabeled"]["valid"][:, 0]).any()  # the box moved padding
+    logits = logits_of(x_s)
+    logp = logits - logits.max(1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(1, keepdims=True))
+    prob = np.exp(logp)
+    v = valid.numpy().ravel()
+    ent = -(prob * np.log(prob + 1e-10)).sum(1).ravel()[v]  # valid pixels only
+    ce = -np.take_along_axis(logp, pseudo[:, None], 1)[:, 0].ravel()[v]
+    n = ent.size
+    k = int(np.floor(0.15 * n + 0.5))
+    unreliable = np.zeros(n, bool)
+    unreliable[np.argsort(-ent, kind="stable")[:k]] = True
+    expected = ce[~unreliable].mean() * n / (n - k)
+    assert n < 3 * 16 * 16
+    assert float(out["loss_unsup"]) == pytest.approx(expected, rel=1e-4)
+    assert float(out["reliable_ratio"]) == pytest.approx((n - k) / n)
+
+
+def test_contrastive_candidates_exclude_padded_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
+    import semivss.methods.u2pl as u2pl_module
+
+    seen: dict[str, Tensor] = {}
+    real = u2pl_module.u2pl_contrastive_loss
+
+    def spy(rep, rep_t, prob, label, anchor_mask, negative_mask, is_labeled, bank, **kw):  # type: ignore[no-untyped-def]
+        seen.update(label=label, anchor=anchor_mask, negative=negative_mask)
+        return real(rep, rep_t, prob, label, anchor_mask, negative_mask, is_labeled, bank, **kw)
+
+    monkeypatch.setattr(u2pl_module, "u2pl_contrastive_loss", spy)
+    torch.manual_seed(0)
+    method = U2PL({"cutmix_p": 0.0, "num_anchors": 8, "num_negatives": 4, "alpha0": 60.0}, NUM_CLASSES)
+    models = method.build_models(lambda: TinySegModel())
+    models.train()
+    batch = toy_batch(n_l=2, n_u=3, size=16)
+    batch["unlabeled"]["valid"] = _padding_mask()
+    out = method.training_step(models, batch, 0, 10)
+    assert torch.isfinite(out["loss"].detach())
+    small = F.interpolate(batch["unlabeled"]["valid"][:, 0, None].float(), size=(8, 8), mode="nearest")
+    inside = small[:, 0].bool()
+    label, anchor, negative = seen["label"][2:], seen["anchor"][2:], seen["negative"][2:]
+    assert (~inside).any() and (label[~inside] == 255).all() and (label[inside] != 255).all()
+    assert not anchor[~inside].any() and not negative[~inside].any()
+    assert anchor[inside].any() and negative[inside].any()
+
+
+def test_all_valid_mask_gives_exactly_the_previous_result() -> None:
+    outs = []
+    for with_mask in (False, True):
+        torch.manual_seed(0)
+        method = U2PL({"cutmix_p": 1.0, "num_anchors": 8, "num_negatives": 4}, NUM_CLASSES)
+        models = method.build_models(lambda: TinySegModel())
+        models.train()
+        batch = toy_batch(n_l=2, n_u=3, size=16)
+        if with_mask:
+            batch["unlabeled"]["valid"] = torch.ones(3, 1, 16, 16, dtype=torch.bool)
+        torch.manual_seed(5)
+        outs.append(method.training_step(models, batch, 2, 10))
+    assert outs[0].keys() == outs[1].keys()
+    for key in outs[0]:
+        assert torch.equal(outs[0][key], outs[1][key]), key
 
 
 # ------------------------------------------------------------------ engine integration

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from semivss.data.transforms import ClipAugment, EvalResize, StrongPhotometric, label_to_tensor, to_tensor
-from semivss.data.video import Frame, FrameRef, VideoSet
+from semivss.data.video import IGNORE_INDEX, Frame, FrameRef, VideoSet
 from semivss.errors import ConfigError, DataError
 
 __all__ = [
@@ -155,10 +155,14 @@ class LabeledClips(Dataset[dict[str, torch.Tensor]]):
 class UnlabeledClips(Dataset[dict[str, torch.Tensor]]):
     """Anchor frame + N-1 other frames of its video within `offsets`, same geometry.
 
-    Returns `image (N,3,H,W)`, `offset (N,) int64` (anchor first, offset 0) and, with `strong`,
-    `strong (N,3,H,W)` strong photometric copies; `strong_copies=k > 1` adds independently
-    distorted copies `strong2`, ..., `strong{k}` (UniMatch's two strong views; the draws of
-    `strong` are unchanged). Labels are never read.
+    Returns `image (N,3,H,W)`, `offset (N,) int64` (anchor first, offset 0), `valid (N,H,W)
+    bool` (True where the pixel comes from the frame, False in the crop padding added when the
+    rescaled frame is smaller than the crop; the same for every frame and every strong copy, which
+    share the geometry) and, with `strong`, `strong (N,3,H,W)` strong photometric copies;
+    `strong_copies=k > 1` adds independently distorted copies `strong2`, ..., `strong{k}`
+    (UniMatch's two strong views; the draws of `strong` are unchanged). Labels are never read.
+    `valid` comes from an all-ones mask pushed through the same augmentation call as the frames
+    (padded with the ignore value), so it neither changes the images nor any random draw.
     """
 
     def __init__(
@@ -199,10 +203,17 @@ class UnlabeledClips(Dataset[dict[str, torch.Tensor]]):
         others = pick_neighbours(rng, len(video), pos, self.num_frames - 1, self.offsets)
         frames = [video.frames[pos]] + [video.frames[q] for q in others]
         images = _read_clip(self.videoset, frames)
-        imgs, _ = self.augment(images, [None] * len(images), int(rng.integers(_U32)))
+        # one marker mask (the clip shares one geometry): frame pixels keep `mark`, padding gets
+        # the augmentation's ignore value
+        mark = 1 if getattr(self.augment, "ignore_index", IGNORE_INDEX) != 1 else 2
+        inside = np.full(images[0].shape[:2], mark, dtype=np.uint8)
+        imgs, masks = self.augment(images, [inside] + [None] * (len(images) - 1), int(rng.integers(_U32)))
+        assert masks[0] is not None
+        valid = torch.from_numpy(np.ascontiguousarray(masks[0] == mark))
         out = {
             "image": torch.stack([to_tensor(im) for im in imgs]),
             "offset": torch.tensor([0] + [q - pos for q in others], dtype=torch.int64),
+            "valid": valid.unsqueeze(0).expand(len(imgs), *valid.shape).clone(),
         }
         if self.use_strong:
             for n in range(1, self.strong_copies + 1):

@@ -16,6 +16,11 @@ is another sample of the same batch (one forward pass less). Plain CE replaces t
 for the supervised terms. Without CutMix the cross supervision covers labeled and unlabeled
 images, as in the official non-CutMix code
 (one CE over the labeled + unlabeled pixels per network).
+
+Padded pixels of the unlabeled crops (``batch["unlabeled"]["valid"]`` False; its box-mixed copy
+with CutMix, so a pasted padded region stays invalid) get the ignore label in both pseudo-labels:
+the cross-supervision CE is the mean over the valid pixels alone. A batch without ``valid`` counts
+every pixel as valid.
 """
 
 from __future__ import annotations
@@ -29,7 +34,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
 from semivss.methods.base import DataSpec, Method, seg_ce_loss, unwrap
-from semivss.methods.parts import apply_cutmix, box_mix_mask, roll_permutation, step_generator
+from semivss.methods.parts import (
+    apply_cutmix,
+    box_mix_mask,
+    ignore_invalid,
+    roll_permutation,
+    step_generator,
+    unlabeled_valid,
+)
 
 __all__ = ["CPS", "ProbAverage"]
 
@@ -111,6 +123,7 @@ class CPS(Method):
         net1, net2 = models["model"], models["model2"]
         x_l, y_l = batch["labeled"]["image"], batch["labeled"]["label"]
         x_u = batch["unlabeled"]["image"][:, 0]
+        valid = unlabeled_valid(batch["unlabeled"])  # None: every pixel valid (older batches)
         n_u = x_u.shape[0]
         size = (int(x_u.shape[-2]), int(x_u.shape[-1]))
 
@@ -126,6 +139,10 @@ class CPS(Method):
                 x_mix = apply_cutmix(x_u, None, None, mask, perm)[0]
                 pl1 = cps_pseudo_label(apply_cutmix(t1, None, None, mask, perm)[0])  # type: ignore[arg-type]
                 pl2 = cps_pseudo_label(apply_cutmix(t2, None, None, mask, perm)[0])  # type: ignore[arg-type]
+                if valid is not None:  # padded pixels (pasted ones included) get no pseudo-label
+                    valid = apply_cutmix(None, valid, None, mask, perm)[1]
+                    pl1 = ignore_invalid(pl1, valid, self.ignore_index)
+                    pl2 = ignore_invalid(pl2, valid, self.ignore_index)
             o1u, o2u = net1(x_mix)["logits"], net2(x_mix)["logits"]
             o1l, o2l = net1(x_l)["logits"], net2(x_l)["logits"]
             loss_cps = seg_ce_loss(o1u, pl2, self.ignore_index) + seg_ce_loss(o2u, pl1, self.ignore_index)
@@ -137,6 +154,10 @@ class CPS(Method):
             with torch.no_grad():
                 pl1 = cps_pseudo_label(_up(o1.detach(), size))
                 pl2 = cps_pseudo_label(_up(o2.detach(), size))
+                if valid is not None:  # the labeled part counts as valid
+                    both = torch.cat([torch.ones_like(pl1[:n_l], dtype=torch.bool), valid])
+                    pl1 = ignore_invalid(pl1, both, self.ignore_index)
+                    pl2 = ignore_invalid(pl2, both, self.ignore_index)
             loss_cps = seg_ce_loss(o1, pl2, self.ignore_index) + seg_ce_loss(o2, pl1, self.ignore_index)
         loss_sup = seg_ce_loss(o1l, y_l, self.ignore_index)
         loss_sup2 = seg_ce_loss(o2l, y_l, self.ignore_index)

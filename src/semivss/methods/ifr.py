@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from semivss.errors import ConfigError
 from semivss.methods.base import DataSpec, Method, seg_ce_loss, unwrap
+from semivss.methods.parts import ignore_invalid, unlabeled_valid
 
 GROUPS = ("x", "src", "src_s", "u0", "u1", "u1_s")
 GroupName = Literal["x", "src", "src_s", "u0", "u1", "u1_s"]
@@ -315,6 +316,9 @@ class IFR(Method):
                     out["u0"]["logits"].float(), size=images["u0"].shape[-2:], mode="bilinear",
                     align_corners=False,
                 ).argmax(dim=1)
+            if not c.share_frames:  # no pseudo-label on the crop padding of u0
+                pseudo = ignore_invalid(pseudo, unlabeled_valid(batch["unlabeled"], 0),
+                                        self.ignore_index)
             assign_u = out["u1"]["logits"].detach().argmax(dim=1)
             feat_u0 = out["u0"]["feature"]
             if c.use_unlabeled:

@@ -6,17 +6,22 @@ One iteration (labeled batch x_l, y_l; unlabeled batch x_u, first frame of each 
    upsampled to the crop): argmax and confidence.
 2. Strong view: with probability ``cutmix_p`` per batch (official: one coin per batch) every
    unlabeled image gets ONE box of ``cutmix_area`` x its area from its partner (i + 1) % B; the
-   pseudo-label and confidence are mixed with the same box.
+   pseudo-label, confidence and padding mask (``batch["unlabeled"]["valid"]``) are mixed with
+   the same box (a pasted padded region stays invalid).
 3. Student on cat(x_l, strong x_u): supervised CE on x_l.
 4. Teacher in train mode (no gradient, as the official code) on the same batch: its
    probabilities (rank of each class, p > 0.3 test), representation features, and the per-pixel
    entropy of its upsampled prediction on the unlabeled part. With alpha_t = alpha0 (1 - t/T)
    the alpha_t % highest-entropy unlabeled pixels are unreliable, the alpha_t % lowest are the
-   anchor candidates (exact shares, :mod:`semivss.methods.parts.reliability`).
-5. Unsupervised CE on reliable pixels only (mean over them) x (all pixels / reliable pixels).
+   anchor candidates (exact shares, :mod:`semivss.methods.parts.reliability`). Padded (invalid)
+   pixels are neither reliable nor unreliable nor anchors: the shares are of the valid pixels.
+5. Unsupervised CE on reliable pixels only (mean over them) x (valid pixels / reliable pixels)
+   (:func:`u2pl_unsup_loss`; official ``compute_unsupervised_loss`` with ``target != 255``).
 6. Contrastive loss (:func:`~semivss.methods.parts.contrastive.u2pl_contrastive_loss`, both
    official bugs fixed) on features at the representation stride; labels and masks are
-   downsampled with nearest neighbour as in the official code.
+   downsampled with nearest neighbour as in the official code; invalid pixels carry the ignore
+   label there, so they are neither anchors nor negatives. A batch without ``valid`` counts every
+   pixel as valid.
 L = L_sup + unsup_weight L_unsup + contrastive_weight L_contra (0.1, the paper's value).
 After each optimiser step the teacher follows the student by EMA (parameters; buffers copied).
 ``sup_only_iters`` (official ``sup_only_epoch``: 0 in the Cityscapes config, 1 epoch by default)
@@ -49,14 +54,16 @@ from semivss.methods.parts import (
     ema_update,
     entropy,
     entropy_rank_mask,
+    ignore_invalid,
     make_teacher,
     reliability_split,
     roll_permutation,
     step_generator,
     u2pl_contrastive_loss,
+    unlabeled_valid,
 )
 
-__all__ = ["U2PL"]
+__all__ = ["U2PL", "u2pl_unsup_loss"]
 
 _REP_HEAD_MSG = (
     "method 'u2pl' needs a model with a representation head: set model.rep_head: true "
@@ -76,6 +83,34 @@ def _upsample(logits: Tensor, size: tuple[int, int]) -> Tensor:
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+def u2pl_unsup_loss(
+    logits: Tensor,
+    pseudo: Tensor,
+    ent: Tensor,
+    alpha_percent: float,
+    valid: Tensor | None = None,
+    ignore_index: int = 255,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """U2PL unsupervised loss (SPEC 2.3; paper Eq. 3 with the reliable split of Eq. 5-7):
+    ``(loss, reliable, unreliable)``.
+
+    ``logits`` (B,C,h,w) student logits (upsampled to the pseudo-label size), ``pseudo`` (B,H,W)
+    teacher argmax, ``ent`` (B,H,W) teacher entropy, ``valid`` (B,H,W) bool (None = all valid).
+    The ``alpha_percent`` % highest-entropy VALID pixels are unreliable, the other valid pixels
+    reliable; loss = mean CE over the reliable pixels x (valid pixels / reliable pixels), so it
+    equals the loss computed on the valid pixels alone (official: pixels with ``target != 255``).
+    """
+    with torch.no_grad():
+        reliable, unreliable = reliability_split(ent, alpha_percent, valid)
+        n_reliable = reliable.sum()
+        if valid is None:
+            scale = float(pseudo.numel()) / n_reliable.clamp(min=1).float()
+        else:
+            scale = valid.sum().float() / n_reliable.clamp(min=1).float()
+        target = pseudo.masked_fill(~reliable, ignore_index)
+    return seg_ce_loss(logits, target, ignore_index) * scale, reliable, unreliable
 
 
 class U2PL(Method):
@@ -133,6 +168,7 @@ class U2PL(Method):
         if cfg.sup_only_iters > 0 and step == cfg.sup_only_iters:  # teacher := warmed-up student
             ema_update(teacher, unwrap(student), 0)
         x_u = batch["unlabeled"]["image"][:, 0]
+        valid = unlabeled_valid(batch["unlabeled"])  # None: every pixel valid (older batches)
         n_l, n_u = x_l.shape[0], x_u.shape[0]
         size = (int(x_u.shape[-2]), int(x_u.shape[-1]))
         gen = step_generator()
@@ -146,8 +182,11 @@ class U2PL(Method):
             if float(torch.rand((), generator=gen)) < cfg.cutmix_p:
                 box = batch_cutmix_boxes(n_u, *size, p=1.0, area=cfg.cutmix_area, generator=gen,
                                          device=x_u.device)
-                mixed = apply_cutmix(x_u, pseudo, conf, box, roll_permutation(n_u, x_u.device))
+                perm = roll_permutation(n_u, x_u.device)
+                mixed = apply_cutmix(x_u, pseudo, conf, box, perm)
                 x_s, pseudo, conf = mixed  # type: ignore[assignment]
+                if valid is not None:  # a pasted padded region stays invalid
+                    valid = apply_cutmix(None, valid, None, box, perm)[1]
 
         # 3. student on labeled + strong unlabeled
         x_all = torch.cat([x_l, x_s])
@@ -157,7 +196,7 @@ class U2PL(Method):
         logits, rep = out["logits"], out["rep"]
         loss_sup = seg_ce_loss(logits[:n_l], y_l, self.ignore_index)
 
-        # 4. teacher (train mode, no gradient) on the same batch; entropy-based split
+        # 4. teacher (train mode, no gradient) on the same batch; entropy of its prediction
         with torch.no_grad():
             teacher.train()
             out_t = teacher(x_all)
@@ -165,18 +204,19 @@ class U2PL(Method):
             logits_t = out_t["logits"].float()
             ent = entropy(torch.softmax(_upsample(logits_t[n_l:], size), dim=1))
             alpha = alpha_schedule(step, max_steps, cfg.alpha0)
-            reliable, unreliable = reliability_split(ent, alpha)
-            n_reliable = reliable.sum()
 
-        # 5. CE on reliable pixels x (all pixels / reliable pixels)
-        target = pseudo.masked_fill(~reliable, self.ignore_index)
-        scale = float(target.numel()) / n_reliable.clamp(min=1).float()
-        loss_unsup = seg_ce_loss(logits[n_l:], target, self.ignore_index) * scale
+        # 5. entropy split of the valid pixels; CE on reliable pixels x (valid / reliable pixels)
+        loss_unsup, reliable, unreliable = u2pl_unsup_loss(
+            logits[n_l:], pseudo, ent, alpha, valid, self.ignore_index
+        )
+        n_reliable = reliable.sum()
+        n_valid = max(pseudo.numel(), 1) if valid is None else valid.sum().clamp(min=1).float()
 
         # 6. contrastive loss with unreliable negatives
         if cfg.contrastive_weight > 0:
             loss_con = self._contrastive(
-                rep, out_t, logits_t, y_l, pseudo, ent, unreliable, alpha, n_l, gen
+                rep, out_t, logits_t, y_l, ignore_invalid(pseudo, valid, self.ignore_index), ent,
+                unreliable, alpha, n_l, gen, valid,
             )
         else:
             loss_con = rep.sum() * 0.0
@@ -187,7 +227,7 @@ class U2PL(Method):
             "loss_sup": loss_sup.detach(),
             "loss_unsup": loss_unsup.detach(),
             "loss_contra": loss_con.detach(),
-            "reliable_ratio": (n_reliable.float() / max(target.numel(), 1)).detach(),
+            "reliable_ratio": (n_reliable.float() / n_valid).detach(),
         }
 
     def _contrastive(
@@ -202,13 +242,16 @@ class U2PL(Method):
         alpha: float,
         n_l: int,
         gen: torch.Generator,
+        valid: Tensor | None = None,
     ) -> Tensor:
+        """Contrastive term (step 6): ``pseudo`` carries the ignore label on invalid pixels, and
+        the anchor candidates are the ``alpha`` % lowest-entropy valid pixels."""
         cfg = self.cfg
         if "rep" not in out_t:
             raise ConfigError(_REP_HEAD_MSG)
         small = (int(rep.shape[-2]), int(rep.shape[-1]))
         with torch.no_grad():
-            low = entropy_rank_mask(ent, alpha, highest=False)
+            low = entropy_rank_mask(ent, alpha, valid, highest=False)
             label = torch.cat([_nearest(y_l, small), _nearest(pseudo, small)])
             ones_l = torch.ones((n_l, *small), dtype=torch.bool, device=rep.device)
             anchor_mask = torch.cat([ones_l, _nearest(low, small)])

@@ -22,8 +22,13 @@ submodule (the SegModel contract: ``encoder(x) -> (low, high)``, then ``decoder`
 Differences from the official code: the CutMix partner is another sample of the same batch and
 its pseudo-label comes from the same (train-mode) forward, instead of a second unlabeled batch
 predicted in eval mode; only the unlabeled part is decoded twice (the official code also decodes
-perturbed labeled features and discards them); unlabeled crops carry no padding mask, so padded
-pixels are not excluded; plain CE instead of OHEM for the supervised term.
+perturbed labeled features and discards them); plain CE instead of OHEM for the supervised term.
+
+Padded pixels of the unlabeled crops (``batch["unlabeled"]["valid"]`` False) are excluded as in
+the official code's ``ignore_mask``: the padding mask is mixed with each strong view's box like the
+pseudo-label, invalid pixels get no loss, and each stream's loss is divided by its number of valid
+pixels (so it equals the loss on the valid pixels alone). A batch without ``valid`` counts every
+pixel as valid.
 """
 
 from __future__ import annotations
@@ -39,7 +44,13 @@ from torch import Tensor, nn
 
 from semivss.errors import ConfigError
 from semivss.methods.base import DataSpec, Method, seg_ce_loss, unwrap
-from semivss.methods.parts import apply_cutmix, batch_cutmix_boxes, roll_permutation, step_generator
+from semivss.methods.parts import (
+    apply_cutmix,
+    batch_cutmix_boxes,
+    roll_permutation,
+    step_generator,
+    unlabeled_valid,
+)
 
 __all__ = ["UniMatch", "confident_ce", "feature_dropout"]
 
@@ -76,15 +87,29 @@ def feature_dropout(model: nn.Module, p: float, start: int = 0) -> Iterator[None
         handle.remove()
 
 
-def confident_ce(logits: Tensor, target: Tensor, conf: Tensor, threshold: float) -> Tensor:
-    """UniMatch unlabeled loss: per-pixel CE of ``logits`` (upsampled bilinearly to the target size)
-    against ``target`` (B,H,W), kept where ``conf >= threshold``, summed and divided by the number
-    of pixels (official: by the non-padding pixels; all pixels here)."""
+def confident_ce(
+    logits: Tensor, target: Tensor, conf: Tensor, threshold: float, valid: Tensor | None = None
+) -> Tensor:
+    """UniMatch unlabeled loss (official ``unimatch.py``): per-pixel CE of ``logits`` (upsampled
+    bilinearly to the target size) against ``target`` (B,H,W), kept where ``conf >= threshold``
+    and ``valid`` (bool (B,H,W), None = all pixels), summed and divided by the number of valid
+    pixels (official: the non-padding pixels; at least 1)."""
     if logits.shape[-2:] != target.shape[-2:]:
         logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
     ce = F.cross_entropy(logits.float(), target, reduction="none")
-    keep = (conf >= threshold).to(ce.dtype)
-    return (ce * keep).sum() / max(target.numel(), 1)
+    if valid is None:
+        keep = (conf >= threshold).to(ce.dtype)
+        return (ce * keep).sum() / max(target.numel(), 1)
+    valid = valid.to(target.device).bool()
+    keep = ((conf >= threshold) & valid).to(ce.dtype)
+    return (ce * keep).sum() / valid.sum().clamp(min=1).to(ce.dtype)
+
+
+def _mask_ratio(conf: Tensor, threshold: float, valid: Tensor | None) -> Tensor:
+    """Share of the valid pixels whose confidence passes the threshold (official ``mask_ratio``)."""
+    if valid is None:
+        return (conf >= threshold).float().mean()
+    return ((conf >= threshold) & valid).sum().float() / valid.sum().clamp(min=1).float()
 
 
 class UniMatch(Method):
@@ -142,6 +167,7 @@ class UniMatch(Method):
                 "strong=True, strong_copies=DataSpec.unlabeled_strong_copies"
             )
         x_w, s1, s2 = unl["image"][:, 0], unl["strong"][:, 0], unl["strong2"][:, 0]
+        valid = unlabeled_valid(unl)  # None: every pixel valid (older batches)
         n_l, n_u = x_l.shape[0], x_w.shape[0]
         size = (int(x_w.shape[-2]), int(x_w.shape[-1]))
         dev = x_w.device
@@ -171,11 +197,15 @@ class UniMatch(Method):
             conf, mask = prob.max(dim=1)
             _, mask1, conf1 = apply_cutmix(None, mask, conf, box1, perm)
             _, mask2, conf2 = apply_cutmix(None, mask, conf, box2, perm)
+            valid1 = valid2 = None
+            if valid is not None:  # a pasted padded region stays invalid
+                valid1 = apply_cutmix(None, valid, None, box1, perm)[1]
+                valid2 = apply_cutmix(None, valid, None, box2, perm)[1]
 
         loss_x = seg_ce_loss(pred_x, y_l, self.ignore_index)
-        loss_s1 = confident_ce(pred_s1, mask1, conf1, cfg.conf_thresh)  # type: ignore[arg-type]
-        loss_s2 = confident_ce(pred_s2, mask2, conf2, cfg.conf_thresh)  # type: ignore[arg-type]
-        loss_fp = confident_ce(pred_fp, mask, conf, cfg.conf_thresh)
+        loss_s1 = confident_ce(pred_s1, mask1, conf1, cfg.conf_thresh, valid1)  # type: ignore[arg-type]
+        loss_s2 = confident_ce(pred_s2, mask2, conf2, cfg.conf_thresh, valid2)  # type: ignore[arg-type]
+        loss_fp = confident_ce(pred_fp, mask, conf, cfg.conf_thresh, valid)
         loss_u = cfg.weight_s1 * loss_s1 + cfg.weight_s2 * loss_s2 + cfg.weight_fp * loss_fp
         loss = cfg.sup_weight * loss_x + cfg.unsup_weight * loss_u
         return {
@@ -183,5 +213,5 @@ class UniMatch(Method):
             "loss_sup": loss_x.detach(),
             "loss_s": ((loss_s1 + loss_s2) / 2).detach(),
             "loss_fp": loss_fp.detach(),
-            "mask_ratio": (conf >= cfg.conf_thresh).float().mean(),
+            "mask_ratio": _mask_ratio(conf, cfg.conf_thresh, valid),
         }

@@ -1,5 +1,5 @@
 """Reusable parts of online pseudo-label methods: EMA teacher, CutMix, entropy-based reliability,
-per-class memory bank and the U2PL contrastive loss (SPEC 2.3, 2.4)."""
+per-class memory bank, the U2PL contrastive loss and padding masks (SPEC 2.3, 2.4)."""
 
 from semivss.methods.parts.contrastive import (
     ContrastiveSettings,
@@ -17,6 +17,7 @@ from semivss.methods.parts.cutmix import (
 )
 from semivss.methods.parts.ema import EMATeacher, ema_decay, ema_update, make_teacher
 from semivss.methods.parts.memory_bank import ClassMemoryBank, gather_rows
+from semivss.methods.parts.padding import ignore_invalid, unlabeled_valid
 from semivss.methods.parts.reliability import (
     alpha_schedule,
     entropy,
@@ -39,10 +40,12 @@ __all__ = [
     "entropy",
     "entropy_rank_mask",
     "gather_rows",
+    "ignore_invalid",
     "make_teacher",
     "reliability_split",
     "roll_permutation",
     "step_generator",
     "u2pl_contrastive_loss",
     "u2pl_negative_masks",
+    "unlabeled_valid",
 ]
