@@ -407,3 +407,50 @@ def test_ddp_two_processes_keep_ranks_in_sync(tmp_path: Path) -> None:
     assert sum(len(q) for q in q0) > 0
     for a, b in zip(q0, q1):
         assert torch.equal(a, b)
+
+
+def test_cps_average_is_reloaded_from_checkpoint_and_export(tmp_path: Path) -> None:
+    """`inference: average`: `semivss train` records both networks, and load_trained_model
+    rebuilds their probability average from checkpoints/last.pt and from model.safetensors."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from semivss.cli import app
+    from semivss.engine.checkpoint import load_checkpoint
+    from semivss.experiment import load_trained_model
+    from semivss.models import ModelConfig, build_model
+
+    runner = CliRunner()
+    data = tmp_path / "synth"
+    res = runner.invoke(app, ["data", "synth", str(data), "--videos", "3", "--frames", "4",
+                              "--height", "32", "--width", "48", "--seed", "1"])
+    assert res.exit_code == 0, res.output
+    cfg = {
+        "name": "cps-avg", "out_dir": str(tmp_path / "run"),
+        "data": {"format": "synthetic", "root": str(data), "split": {"mode": "every_kth", "k": 2},
+                 "base_size": [32, 48], "crop_size": [32, 32], "batch_size": 2,
+                 "unlabeled_batch_size": 2, "num_workers": 0},
+        "model": {"backbone": "mobilenet_v2", "pretrained": None},
+        "method": {"name": "cps", "inference": "average"},
+        "optim": {"lr": 0.01}, "schedule": {"iters": 2},
+        "train": {"log_interval": 1, "eval_interval": 0, "ckpt_interval": 2, "precision": "fp32"},
+        "eval": {"size": [32, 48]},
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    res = runner.invoke(app, ["train", str(tmp_path / "cfg.yaml")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert ckpt["meta"]["inference_model"] == ["model", "model2"]
+    nets = []
+    for name in ("model", "model2"):
+        net = build_model(ModelConfig(backbone="mobilenet_v2", pretrained=None), 8)
+        net.load_state_dict(ckpt["models"][name])
+        nets.append(net.eval())
+    x = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        expect = (torch.softmax(nets[0](x)["logits"], 1) + torch.softmax(nets[1](x)["logits"], 1)) / 2
+        for path in (tmp_path / "run" / "checkpoints" / "last.pt", tmp_path / "run" / "model.safetensors"):
+            model, meta = load_trained_model(path)
+            assert isinstance(model, ProbAverage) and len(model.nets) == 2
+            torch.testing.assert_close(torch.softmax(model(x)["logits"], 1), expect)

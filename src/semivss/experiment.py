@@ -26,6 +26,7 @@ from semivss.inference.evaluate import EvalResult, evaluate
 from semivss.methods import build_method
 from semivss.models import build_model
 from semivss.models.config import ModelConfig
+from semivss.models.ensemble import ProbAverage
 
 
 def build_train_sets(cfg: ExperimentConfig, videoset: VideoSet, spec: Any) -> tuple[dict, dict]:
@@ -132,7 +133,9 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> dict[str, float]:
 
 def load_trained_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the inference model from a training checkpoint (``.pt``) or an exported
-    ``model.safetensors`` (meta stored in its header). Loads safely (no pickle execution)."""
+    ``model.safetensors`` (meta stored in its header). Loads safely (no pickle execution).
+    An inference model averaging several networks (CPS ``inference: average``) comes back as a
+    :class:`~semivss.models.ensemble.ProbAverage` of them."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"checkpoint not found: {path}")
@@ -146,16 +149,27 @@ def load_trained_model(path: str | Path, device: torch.device | str = "cpu") -> 
             raise DataError(f"{path}: not a semivss model file (no 'semivss_meta' in its header)")
         meta = json.loads(header["semivss_meta"])
         state = load_file(str(path))
+        n_nets = len({k.split(".")[1] for k in state if k.startswith("nets.")})
+        states = ([{k[len(f"nets.{i}."):]: v for k, v in state.items() if k.startswith(f"nets.{i}.")}
+                   for i in range(n_nets)] if n_nets else [state])
     else:
         ckpt = load_checkpoint(path)
         meta = ckpt.get("meta") or {}
         if "model" not in meta:
             raise DataError(f"{path}: checkpoint has no model meta; was it written by semivss train?")
-        name = meta.get("inference_model", "model")
-        state = ckpt["models"][name]
+        names = meta.get("inference_model", "model")
+        names = [names] if isinstance(names, str) else list(names)
+        missing = [n for n in names if n not in ckpt["models"]]
+        if missing:
+            raise DataError(f"{path}: checkpoint has no model {missing[0]!r}")
+        states = [ckpt["models"][n] for n in names]
     model_cfg = ModelConfig(**{**meta["model"], "pretrained": None, "init_from": None})
-    model = build_model(model_cfg, int(meta["num_classes"]))
-    model.load_state_dict(state)
+    nets = []
+    for state in states:
+        net = build_model(model_cfg, int(meta["num_classes"]))
+        net.load_state_dict(state)
+        nets.append(net)
+    model: nn.Module = nets[0] if len(nets) == 1 else ProbAverage(*nets)
     model.to(device).eval()
     return model, meta
 

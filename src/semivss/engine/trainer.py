@@ -43,6 +43,7 @@ from semivss.engine.precision import Precision, images_channels_last, to_channel
 from semivss.engine.sampler import InfiniteBatchSampler
 from semivss.errors import ConfigError, DataError, TrainingError
 from semivss.methods.base import Method
+from semivss.models.ensemble import ProbAverage
 
 EvaluateFn = Callable[[nn.Module, int], Mapping[str, float]]
 SPLITS = ("labeled", "unlabeled", "pseudo")
@@ -382,9 +383,15 @@ class Trainer:
             train_models[name] = module
         self._raw, self.models = models, models
         inference = self.method.inference_model(models)
-        for name, module in models.items():
-            if module is inference and "inference_model" not in self.meta:
-                self.meta["inference_model"] = name  # which checkpoint entry to rebuild from
+        if "inference_model" not in self.meta:  # which checkpoint entries to rebuild it from
+            for name, module in models.items():
+                if module is inference:
+                    self.meta["inference_model"] = name
+            if isinstance(inference, ProbAverage):
+                names = [next((n for n, m in models.items() if m is net), None)
+                         for net in inference.nets]
+                if all(n is not None for n in names):
+                    self.meta["inference_model"] = names
         self._optimizer = build_optimizer(models, trainable, self.optim_cfg)
         self._scheduler = build_scheduler(self._optimizer, self.schedule_cfg)
         self._precision = Precision.from_config(cfg.precision, self._device)

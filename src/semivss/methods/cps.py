@@ -42,23 +42,9 @@ from semivss.methods.parts import (
     step_generator,
     unlabeled_valid,
 )
+from semivss.models.ensemble import ProbAverage
 
 __all__ = ["CPS", "ProbAverage"]
-
-
-class ProbAverage(nn.Module):
-    """Ensemble of segmentation networks: ``logits = log(mean_k softmax(logits_k))`` (so softmax
-    gives the averaged probabilities). Holds references to the networks (no own parameters)."""
-
-    def __init__(self, *nets: nn.Module) -> None:
-        super().__init__()
-        if not nets:
-            raise ValueError("ProbAverage needs at least one network")
-        self.nets = nn.ModuleList(nets)
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        probs = torch.stack([torch.softmax(net(x)["logits"].float(), dim=1) for net in self.nets])
-        return {"logits": probs.mean(0).clamp_min(1e-12).log()}
 
 
 def _up(logits: Tensor, size: tuple[int, int]) -> Tensor:
@@ -171,8 +157,8 @@ class CPS(Method):
 
     def inference_model(self, models: nn.ModuleDict) -> nn.Module:
         """The first network (default) or, with ``inference: average``, the probability average of
-        both (:class:`ProbAverage`; not an entry of ``models``, so the exported weights cannot be
-        reloaded as a single network)."""
+        both (:class:`~semivss.models.ensemble.ProbAverage`; evaluate / predict reload it from the
+        checkpoint or the exported weights)."""
         if self.cfg.inference == "average":
             return ProbAverage(unwrap(models["model"]), unwrap(models["model2"]))
         return unwrap(models["model"])
