@@ -4,32 +4,37 @@
 #   3. pseudo-label every unlabeled frame with a TTA (multi-scale + flip) teacher+student ensemble,
 #   4. fine-tune the student on labeled + pseudo-labeled frames (reliable CE + contrastive loss),
 #   5. evaluate each stage: student alone, + self-training, + TTA, + ensemble with the teacher.
-# Usage: scripts/recipe.sh synthetic | camvid     (RUNS=runs by default; steps whose outputs
-# exist are skipped, so an interrupted recipe continues where it stopped).
+# Usage: scripts/recipe.sh synthetic | camvid     (steps whose outputs exist are skipped, so an
+# interrupted recipe continues where it stopped). Environment: RUNS (output folder, default runs),
+# ITERS (override every training's iteration count, for a smoke test), DATA (synthetic set) or
+# CAMVID (CamVid root).
 set -euo pipefail
 export HF_HUB_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1 MPLBACKEND=Agg
 PROTO=${1:?usage: scripts/recipe.sh synthetic|camvid}
+RUNS=${RUNS:-runs}
+SET=(${ITERS:+--set schedule.iters=$ITERS --set schedule.warmup_iters=0 --set train.eval_interval=0})
 case "$PROTO" in
   synthetic)
-    DATA=data/synthetic; FMT=synthetic; RULE=(--label-position 15); P=synthetic
+    DATA=${DATA:-data/synthetic}; FMT=synthetic; RULE=(--label-position 15); P=synthetic
     CFG=configs/synthetic; STUDENT_CFG=$CFG/supervised.yaml; SCALES=0.75,1,1.25
-    TEACHER=runs/synthetic-teacher; STUDENT=runs/synthetic-supervised
-    PSEUDO=runs/synthetic-pseudo; FINAL=runs/synthetic-student-self-training
+    TEACHER=$RUNS/synthetic-teacher; STUDENT=$RUNS/synthetic-supervised
+    PSEUDO=$RUNS/synthetic-pseudo; FINAL=$RUNS/synthetic-student-self-training
     [ -f "$DATA/meta.yaml" ] || semivss data synth "$DATA" --videos 20 --frames 30 --height 128 --width 256 --seed 0
     ;;
   camvid)
     DATA=${CAMVID:-../shared/data/camvid}; FMT=camvid; RULE=(--label-every 8); P=camvid-ssvs
     CFG=configs/camvid-ssvs; STUDENT_CFG=$CFG/supervised_1-8.yaml; SCALES=0.75,1,1.25,1.5
-    TEACHER=runs/camvid-ssvs-1-8-teacher; STUDENT=runs/camvid-ssvs-1-8-supervised
-    PSEUDO=runs/camvid-ssvs-1-8-pseudo; FINAL=runs/camvid-ssvs-1-8-student-self-training
+    TEACHER=$RUNS/camvid-ssvs-1-8-teacher; STUDENT=$RUNS/camvid-ssvs-1-8-supervised
+    PSEUDO=$RUNS/camvid-ssvs-1-8-pseudo; FINAL=$RUNS/camvid-ssvs-1-8-student-self-training
     ;;
   *) echo "unknown protocol $PROTO (synthetic | camvid)" >&2; exit 2 ;;
 esac
 
-train() {  # config out_dir: train unless finished, resume if interrupted
-  if [ -f "$2/model.safetensors" ]; then echo "[recipe] $2 done"; return; fi
-  if [ -f "$2/checkpoints/last.pt" ]; then semivss train "$1" --out "$2" --resume
-  else semivss train "$1" --out "$2"; fi
+train() {  # config out_dir [--set ...]: train unless finished, resume if interrupted
+  local cfg=$1 out=$2; shift 2
+  if [ -f "$out/model.safetensors" ]; then echo "[recipe] $out done"; return; fi
+  local resume=(); [ -f "$out/checkpoints/last.pt" ] && resume=(--resume)
+  semivss train "$cfg" --out "$out" --set data.root="$DATA" "${SET[@]}" "$@" "${resume[@]}"
 }
 train "$CFG/recipe/teacher.yaml" "$TEACHER"
 train "$STUDENT_CFG" "$STUDENT"
@@ -37,7 +42,8 @@ PL=(semivss pseudo-label "$TEACHER/model.safetensors" --ensemble "$STUDENT/model
     --weights 2,1 --scales "$SCALES" --flip --data "$DATA" --format "$FMT" --split train
     "${RULE[@]}" --out "$PSEUDO")
 if [ -f "$PSEUDO/manifest.json" ]; then "${PL[@]}" --resume; else "${PL[@]}"; fi
-train "$CFG/recipe/student_self_training.yaml" "$FINAL"
+train "$CFG/recipe/student_self_training.yaml" "$FINAL" \
+  --set model.init_from="$STUDENT/model.safetensors" --set data.pseudo_labels="$PSEUDO"
 
 evaluate() {  # name checkpoint [options]: val metrics into $FINAL/stages/<name>
   local name=$1 ckpt=$2; shift 2
@@ -57,6 +63,7 @@ rows = []
 for name in ["teacher", "student", "student+self-training", "student+self-training+tta",
              "student+self-training+tta+ensemble"]:
     m = json.loads((Path(sys.argv[1]) / name / "metrics.json").read_text())["metrics"]
-    rows.append(f"| {name} | {100 * m['mIoU']:.2f} | {100 * m['VC8']:.2f} | {100 * m['VC16']:.2f} |")
+    pct = lambda v: "-" if v is None or v != v else f"{100 * v:.2f}"  # None/NaN: no VC window
+    rows.append(f"| {name} | {pct(m['mIoU'])} | {pct(m.get('VC8'))} | {pct(m.get('VC16'))} |")
 print("| stage | val mIoU | VC8 | VC16 |\n|---|---|---|---|\n" + "\n".join(rows))
 PY
