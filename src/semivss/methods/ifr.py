@@ -96,7 +96,10 @@ def reconstruct(
             f"{tuple(prototypes.shape)} and present {tuple(present.shape)} do not match"
         )
     f = target_feature.reshape(b, d, h * w).transpose(1, 2)  # (B, N, D)
-    cos = torch.bmm(F.normalize(f, dim=-1), F.normalize(prototypes, dim=-1).transpose(1, 2))
+    # cos(f, P) = (f . P / |P|) / |f|: dividing the (B, N, C) products by |f| costs C/D of
+    # normalising the (B, N, D) features (same value, F.normalize's eps included)
+    norm_f = f.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (B, N, 1)
+    cos = torch.bmm(f, F.normalize(prototypes, dim=-1).transpose(1, 2)) / norm_f
     attn = cos / tau  # (B, N, C)
     # mask absent classes; a sample with no class at all keeps its (zero) prototypes unmasked
     absent = ~present & present.any(dim=1, keepdim=True)
