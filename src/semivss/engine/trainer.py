@@ -46,7 +46,6 @@ from semivss.methods.base import Method
 from semivss.models.ensemble import ProbAverage
 
 EvaluateFn = Callable[[nn.Module, int], Mapping[str, float]]
-SPLITS = ("labeled", "unlabeled", "pseudo")
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -95,7 +94,8 @@ class Trainer:
     """Trains ``method`` on ``train_sets`` and writes ``out_dir/{metrics.csv, tb/, checkpoints/,
     model.safetensors}``.
 
-    ``train_sets``: ``{"labeled": ds, "unlabeled": ds?, "pseudo": ds?}``; datasets are indexed with
+    ``train_sets``: ``{"labeled": ds, ...}``; every entry becomes ``batch[name]`` (the methods ask
+    for ``unlabeled`` and ``pseudo``; the engine needs only ``labeled``); datasets are indexed with
     ``(index, sample_seed)`` pairs and return dicts of tensors (collated by ``collate_fn``,
     default ``torch.utils.data.default_collate``). ``evaluate_fn(model, step)`` gets the
     inference model (eval mode, under ``torch.no_grad``) and the number of completed iterations;
@@ -124,9 +124,6 @@ class Trainer:
         tensorboard: bool = True,
         progress: bool | None = None,
     ) -> None:
-        unknown = set(train_sets) - set(SPLITS)
-        if unknown:
-            raise ConfigError(f"train sets {sorted(unknown)} are not one of {list(SPLITS)}")
         if "labeled" not in train_sets:
             raise ConfigError("train sets: a 'labeled' dataset is required")
         spec = method.data_spec()
