@@ -189,7 +189,7 @@ def test_labeled_clips_context_geometry_and_reproducibility(tmp_path: Path) -> N
     assert single["context_offset"].tolist() == [0, 0, 0]
     assert ds[1]["image"].shape == (3, 32, 32)  # plain int index
     plain = LabeledClips(vs, refs, aug)
-    assert set(plain[(0, 1)]) == {"image", "label"}
+    assert set(plain[(0, 1)]) == {"image", "label", "valid"}
 
 
 def test_labels_of_context_and_unlabeled_frames_are_never_read(tmp_path: Path) -> None:
@@ -344,3 +344,34 @@ def test_adding_the_valid_mask_leaves_images_and_draws_unchanged(tmp_path: Path)
             assert torch.equal(s[key], expect), key
         padded += int((~s["valid"]).any())
     assert padded > 0  # some of these samples are down-scaled and padded
+
+
+def test_labeled_valid_marks_padding_and_leaves_image_and_label_unchanged(tmp_path: Path) -> None:
+    """Labeled clips carry ``valid`` (H,W): False exactly in the crop padding (label 255 there),
+    True on every frame pixel (void ones included); image and label equal the plain call's."""
+    vs = load_folder(_coord_folder(tmp_path, 20, 24))
+    labels = tmp_path / "labels" / "v"
+    lab = np.zeros((20, 24), np.uint8)
+    lab[:4] = 255  # void pixels of the frame stay valid
+    for f in labels.iterdir():
+        cv2.imwrite(str(f), lab)
+    aug = ClipAugment((32, 40), base_size=None, scale_range=(1.0, 2.5))
+    ds = LabeledClips(vs, vs.frames(), aug, context_frames=1, context_offsets=(-1, 1))
+    padded = void_valid = 0
+    for seed in range(8):
+        s = ds[(0, seed)]
+        valid = s["valid"]
+        assert valid.dtype == torch.bool and valid.shape == (32, 40)
+        img = denormalize(s["image"])
+        np.testing.assert_array_equal(valid.numpy(), img[:, :, 2] == 255)
+        assert (s["label"][~valid] == 255).all()
+        void_valid += int((s["label"][valid] == 255).any())  # void pixels of the frame are valid
+        padded += int((~valid).any())
+        rng = np.random.default_rng(seed)  # oracle: the plain augmentation with the same draws
+        ctx = pick_neighbours(rng, 2, 0, 1, (-1, 1))
+        frames = [vs.video("v").frames[q] for q in [0, *ctx]]
+        imgs, masks = aug([vs.read_image(f) for f in frames], [vs.read_label(frames[0]), None],
+                          int(rng.integers(2**32)))
+        assert torch.equal(s["image"], to_tensor(imgs[0])) and torch.equal(s["context"][0], to_tensor(imgs[1]))
+        np.testing.assert_array_equal(s["label"].numpy(), masks[0])
+    assert 0 < padded < 8 and void_valid > 0  # scales below 5/3 are padded, larger ones are not

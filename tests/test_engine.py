@@ -98,6 +98,10 @@ def test_training_lowers_loss_and_beats_chance(tmp_path: Path) -> None:
     assert last["meta"] == {"classes": ["a", "b", "c", "d"], "inference_model": "model"}
     best = load_checkpoint(out / "checkpoints" / "best.pt")
     assert best["best"]["value"] == pytest.approx(max(float(r["val/acc"]) for r in rows if r["val/acc"]))
+    # best.pt holds weights for evaluation, not the training state (resume reads last.pt)
+    assert {"optimizer", "scheduler", "scaler", "method", "rng"} <= set(last)
+    assert not {"optimizer", "scheduler", "scaler", "method", "rng"} & set(best)
+    assert set(best["models"]) == set(last["models"]) and best["meta"] == last["meta"]
     assert any((out / "tb").iterdir())
     from safetensors import safe_open
 

@@ -150,6 +150,14 @@ def test_unsupervised_loss_equals_numpy_oracle() -> None:
     assert float(out["loss"].detach()) == pytest.approx(float(total), rel=1e-6)
     assert float(out["loss_contra"]) > 0
     assert sum(method.bank.count(c) for c in range(NUM_CLASSES)) > 0
+    # the bank goes into the checkpoint state unless checkpoint_bank is false
+    state = method.state_dict()
+    assert sum(len(q) for q in state["bank"]["queues"]) == sum(method.bank.count(c) for c in range(NUM_CLASSES))
+    method.cfg = method.cfg.model_copy(update={"checkpoint_bank": False})
+    assert method.state_dict() == {}
+    fresh = U2PL({"checkpoint_bank": False}, NUM_CLASSES)
+    fresh.load_state_dict({})  # a resume without a bank starts from an empty one
+    assert all(fresh.bank.count(c) == 0 for c in range(NUM_CLASSES))
 
 
 def test_teacher_update_and_inference_switch() -> None:

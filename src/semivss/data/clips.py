@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from semivss.data.transforms import ClipAugment, EvalResize, StrongPhotometric, label_to_tensor, to_tensor
-from semivss.data.video import IGNORE_INDEX, Frame, FrameRef, VideoSet
+from semivss.data.video import Frame, FrameRef, VideoSet
 from semivss.errors import ConfigError, DataError
 
 __all__ = [
@@ -99,7 +99,9 @@ def _check_refs(videoset: VideoSet, refs: Sequence[FrameRef], what: str, need_la
 class LabeledClips(Dataset[dict[str, torch.Tensor]]):
     """Labeled frame + optional K context frames of the same video, same geometry.
 
-    Returns `image (3,H,W)`, `label (H,W) int64`; with `context_frames=K > 0` also `context
+    Returns `image (3,H,W)`, `label (H,W) int64`, `valid (H,W) bool` (True where the pixel comes
+    from the frame, False in the crop padding, whose label is ignore; void pixels of the frame
+    stay valid); with `context_frames=K > 0` also `context
     (K,3,H,W)` and `context_offset (K,) int64`, and `context_strong (K,3,H,W)` (strong photometric
     copies of the context frames) when `context_strong`. Context labels are never read.
     """
@@ -139,9 +141,13 @@ class LabeledClips(Dataset[dict[str, torch.Tensor]]):
         frames = [video.frames[pos]] + [video.frames[q] for q in ctx]
         images = _read_clip(self.videoset, frames)
         label = self.videoset.read_label(frames[0])
-        imgs, masks = self.augment(images, [label] + [None] * len(ctx), int(rng.integers(_U32)))
+        imgs, masks, valid = self.augment.with_valid(images, [label] + [None] * len(ctx), int(rng.integers(_U32)))
         assert masks[0] is not None
-        out = {"image": to_tensor(imgs[0]), "label": label_to_tensor(masks[0])}
+        out = {
+            "image": to_tensor(imgs[0]),
+            "label": label_to_tensor(masks[0]),
+            "valid": torch.from_numpy(valid),
+        }
         if ctx:
             out["context"] = torch.stack([to_tensor(im) for im in imgs[1:]])
             out["context_offset"] = torch.tensor([q - pos for q in ctx], dtype=torch.int64)
@@ -203,13 +209,8 @@ class UnlabeledClips(Dataset[dict[str, torch.Tensor]]):
         others = pick_neighbours(rng, len(video), pos, self.num_frames - 1, self.offsets)
         frames = [video.frames[pos]] + [video.frames[q] for q in others]
         images = _read_clip(self.videoset, frames)
-        # one marker mask (the clip shares one geometry): frame pixels keep `mark`, padding gets
-        # the augmentation's ignore value
-        mark = 1 if getattr(self.augment, "ignore_index", IGNORE_INDEX) != 1 else 2
-        inside = np.full(images[0].shape[:2], mark, dtype=np.uint8)
-        imgs, masks = self.augment(images, [inside] + [None] * (len(images) - 1), int(rng.integers(_U32)))
-        assert masks[0] is not None
-        valid = torch.from_numpy(np.ascontiguousarray(masks[0] == mark))
+        imgs, _, valid_np = self.augment.with_valid(images, [None] * len(images), int(rng.integers(_U32)))
+        valid = torch.from_numpy(valid_np)
         out = {
             "image": torch.stack([to_tensor(im) for im in imgs]),
             "offset": torch.tensor([0] + [q - pos for q in others], dtype=torch.int64),

@@ -107,6 +107,23 @@ class ClipAugment:
     ) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
         """Augment a clip: `images` uint8 HxWx3 (all the same size), `masks` uint8 HxW or None
         per frame (same length as `images`). Returns lists of the same lengths."""
+        out_images, out_masks, _ = self._apply(images, masks, seed, with_valid=False)
+        return out_images, out_masks
+
+    def with_valid(
+        self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray | None], seed: int
+    ) -> tuple[list[np.ndarray], list[np.ndarray | None], np.ndarray]:
+        """:meth:`__call__` plus the clip's validity mask, (H,W) bool: True where the output pixel
+        comes from the frames, False in the crop padding. The mask rides in the same albumentations
+        call as the frames (one more mask in the stack), so images and masks are exactly those of
+        :meth:`__call__` with the same seed."""
+        out_images, out_masks, valid = self._apply(images, masks, seed, with_valid=True)
+        assert valid is not None
+        return out_images, out_masks, valid
+
+    def _apply(
+        self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray | None], seed: int, with_valid: bool
+    ) -> tuple[list[np.ndarray], list[np.ndarray | None], np.ndarray | None]:
         if not images:
             raise ValueError("ClipAugment needs at least one image")
         if len(masks) != len(images):
@@ -123,16 +140,22 @@ class ClipAugment:
             assert m is not None
             if m.shape != shape[:2]:
                 raise DataError(f"label of size {m.shape} does not match its image {shape[:2]}")
+        stack = [masks[i] for i in present]
+        # validity marker: frame pixels keep `mark`, padding gets the ignore value
+        mark = 1 if self.ignore_index != 1 else 2
+        if with_valid:
+            stack.append(np.full(shape[:2], mark, dtype=np.uint8))
         self._pipeline.set_random_seed(int(seed) % _MAX_SEED)
         data: dict[str, np.ndarray] = {"images": np.stack(images)}
-        if present:
-            data["masks"] = np.stack([masks[i] for i in present])  # type: ignore[misc]
+        if stack:
+            data["masks"] = np.stack(stack)  # type: ignore[arg-type]
         out = self._pipeline(**data)
         out_images = [np.ascontiguousarray(x) for x in out["images"]]
         out_masks: list[np.ndarray | None] = [None] * len(masks)
         for j, i in enumerate(present):
             out_masks[i] = np.ascontiguousarray(out["masks"][j])
-        return out_images, out_masks
+        valid = np.ascontiguousarray(out["masks"][-1] == mark) if with_valid else None
+        return out_images, out_masks, valid
 
 
 class StrongPhotometric:

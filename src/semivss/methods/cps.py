@@ -18,9 +18,9 @@ images, as in the official non-CutMix code
 (one CE over the labeled + unlabeled pixels per network).
 
 Padded pixels of the unlabeled crops (``batch["unlabeled"]["valid"]`` False; its box-mixed copy
-with CutMix, so a pasted padded region stays invalid) get the ignore label in both pseudo-labels:
-the cross-supervision CE is the mean over the valid pixels alone. A batch without ``valid`` counts
-every pixel as valid.
+with CutMix, so a pasted padded region stays invalid) and, without CutMix, of the labeled crops
+(``batch["labeled"]["valid"]``) get the ignore label in both pseudo-labels: the cross-supervision
+CE is the mean over the valid pixels alone. A batch without ``valid`` counts every pixel as valid.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from semivss.methods.parts import (
     apply_cutmix,
     box_mix_mask,
     ignore_invalid,
+    labeled_valid,
     roll_permutation,
     step_generator,
     unlabeled_valid,
@@ -140,8 +141,11 @@ class CPS(Method):
             with torch.no_grad():
                 pl1 = cps_pseudo_label(_up(o1.detach(), size))
                 pl2 = cps_pseudo_label(_up(o2.detach(), size))
-                if valid is not None:  # the labeled part counts as valid
-                    both = torch.cat([torch.ones_like(pl1[:n_l], dtype=torch.bool), valid])
+                valid_l = labeled_valid(batch["labeled"])
+                if valid is not None or valid_l is not None:  # a missing mask: all valid
+                    all_l = torch.ones_like(pl1[:n_l], dtype=torch.bool)
+                    all_u = torch.ones_like(pl1[n_l:], dtype=torch.bool)
+                    both = torch.cat([all_l if valid_l is None else valid_l, all_u if valid is None else valid])
                     pl1 = ignore_invalid(pl1, both, self.ignore_index)
                     pl2 = ignore_invalid(pl2, both, self.ignore_index)
             loss_cps = seg_ce_loss(o1, pl2, self.ignore_index) + seg_ce_loss(o2, pl1, self.ignore_index)

@@ -250,8 +250,8 @@ class SelfTraining(Method):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """The memory bank (needed for an exact resume)."""
-        return {"bank": self.bank.state_dict()}
+        """The memory bank (needed for an exact resume); nothing with ``checkpoint_bank: false``."""
+        return {"bank": self.bank.state_dict()} if self.cfg.checkpoint_bank else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "bank" in state:

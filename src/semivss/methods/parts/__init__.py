@@ -17,7 +17,7 @@ from semivss.methods.parts.cutmix import (
 )
 from semivss.methods.parts.ema import EMATeacher, ema_decay, ema_update, make_teacher
 from semivss.methods.parts.memory_bank import ClassMemoryBank, gather_rows
-from semivss.methods.parts.padding import ignore_invalid, unlabeled_valid
+from semivss.methods.parts.padding import ignore_invalid, labeled_valid, unlabeled_valid
 from semivss.methods.parts.reliability import (
     alpha_schedule,
     entropy,
@@ -41,6 +41,7 @@ __all__ = [
     "entropy_rank_mask",
     "gather_rows",
     "ignore_invalid",
+    "labeled_valid",
     "make_teacher",
     "reliability_split",
     "roll_permutation",

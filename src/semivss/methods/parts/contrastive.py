@@ -34,7 +34,12 @@ __all__ = ["ContrastiveSettings", "class_ranks", "u2pl_contrastive_loss", "u2pl_
 class ContrastiveSettings(BaseModel):
     """Method config keys of the U2PL contrastive loss (SPEC 2.3), shared by the methods that use
     it: anchors, negatives per anchor, temperature, anchor probability threshold, the rank window
-    ``[low_rank, high_rank)`` of unlikely classes and the memory bank size per class."""
+    ``[low_rank, high_rank)`` of unlikely classes and the memory bank size per class.
+
+    ``checkpoint_bank`` (default True) stores the memory bank in ``last.pt`` so that a resumed run
+    equals an uninterrupted one; a full bank is ``num_classes x memory_size x D`` float32 (~340 MB
+    for CamVid's 11 classes at D = 256). False keeps checkpoints small and a resumed run refills
+    the bank from empty, as the official U2PL code does."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -45,6 +50,7 @@ class ContrastiveSettings(BaseModel):
     low_rank: int = Field(3, ge=1)
     high_rank: int = Field(20, ge=2)
     memory_size: int = Field(30000, ge=1)
+    checkpoint_bank: bool = True
 
     @model_validator(mode="after")
     def _ranks(self) -> ContrastiveSettings:

@@ -1,6 +1,7 @@
-"""Padding (validity) masks of unlabeled crops (ARCHITECTURE "Training batch":
-``batch["unlabeled"]["valid"]`` (B,N,H,W) bool, True where a pixel comes from the frame, False in
-the padding added when a down-scaled frame is smaller than the crop). Online pseudo-label methods
+"""Padding (validity) masks of training crops (ARCHITECTURE "Training batch":
+``batch["unlabeled"]["valid"]`` (B,N,H,W) and ``batch["labeled"]["valid"]`` (B,H,W) bool, True
+where a pixel comes from the frame, False in the padding added when a down-scaled frame is smaller
+than the crop). Online pseudo-label methods
 give no pseudo-label to invalid pixels (as the official UniMatch / U2PL code does with its
 ``ignore_mask``)."""
 
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ignore_invalid", "unlabeled_valid"]
+__all__ = ["ignore_invalid", "labeled_valid", "unlabeled_valid"]
 
 
 def unlabeled_valid(unlabeled: Mapping[str, Any], frame: int = 0) -> Tensor | None:
@@ -32,6 +33,22 @@ def unlabeled_valid(unlabeled: Mapping[str, Any], frame: int = 0) -> Tensor | No
             f"(B, N, H, W of batch['unlabeled']['image'] {tuple(image.shape)})"
         )
     return valid[:, frame].to(device=image.device, dtype=torch.bool)
+
+
+def labeled_valid(labeled: Mapping[str, Any]) -> Tensor | None:
+    """Boolean (B,H,W) validity mask of ``batch["labeled"]`` (``valid``; None when absent).
+
+    Raises ValueError naming ``batch['labeled']['valid']`` when its shape is not the label's."""
+    valid = labeled.get("valid")
+    if valid is None:
+        return None
+    label = labeled["label"]
+    if tuple(valid.shape) != tuple(label.shape):
+        raise ValueError(
+            f"batch['labeled']['valid'] has shape {tuple(valid.shape)}, expected {tuple(label.shape)} "
+            f"(batch['labeled']['label'])"
+        )
+    return valid.to(device=label.device, dtype=torch.bool)
 
 
 def ignore_invalid(target: Tensor, valid: Tensor | None, ignore_index: int = 255) -> Tensor:
