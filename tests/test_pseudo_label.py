@@ -147,9 +147,9 @@ def test_ranks_label_disjoint_shards(toy, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(pl, "write_frame", lambda out, ref, *a: (calls.append(ref), real(out, ref, *a)))
     out = tmp_path / "set"
     c0 = run(pred, vs, frames, out, rank=0, world_size=2)
-    assert c0["written"] == 5 and not c0["complete"]
+    assert c0["written"] == 5 and c0["done"] == 5 and not c0["complete"]
     c1 = run(pred, vs, frames, out, rank=1, world_size=2, num_workers=1)  # frames read in a worker
-    assert c1["written"] == 4 and c1["complete"]
+    assert c1["written"] == 4 and c1["done"] == 9 and c1["complete"]  # done counts both runs
     assert sorted(calls) == sorted(frames)
     assert calls[:5] == frames[0::2] and calls[5:] == frames[1::2]
 

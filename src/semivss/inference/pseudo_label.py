@@ -310,8 +310,8 @@ def pseudo_label(
     list, rank 0 writes the manifest, and all ranks meet at a barrier at the end.
 
     Returns the counts (summed over ranks): ``frames`` (in the set), ``written`` (this run),
-    ``skipped`` (already done), ``complete`` (every label PNG exists), ``seconds``,
-    ``frames_per_s``.
+    ``skipped`` (already done), ``done`` (label PNGs that exist now, over every run of the set),
+    ``complete`` (every label PNG exists), ``seconds`` and ``frames_per_s`` (this run).
     """
     if resume and overwrite:
         raise ConfigError("choose one of resume and overwrite")
@@ -424,7 +424,8 @@ def pseudo_label(
         "seconds": max(float(g["seconds"]) for g in gathered),
     }
     counts["frames_per_s"] = counts["written"] / counts["seconds"] if counts["seconds"] > 0 else 0.0
-    counts["complete"] = all(label_path(out, r).is_file() for r in refs)
+    counts["done"] = sum(label_path(out, r).is_file() for r in refs)  # cumulative over resumes
+    counts["complete"] = counts["done"] == len(refs)
     if rank == 0:
         _write_json_atomic(out / "manifest.json", {**full, "counts": counts})
     dist.barrier()
