@@ -284,6 +284,44 @@ def test_resume_writes_no_frame_twice(toy, tmp_path: Path, monkeypatch, threads:
 # ----------------------------------------------------------------------------- command line
 
 
+# ----------------------------------------------------------------------------- quality
+def _np_miou(pred: np.ndarray, gt: np.ndarray, c: int) -> float:
+    """Independent oracle: mean IoU over the classes present in the ground truth (255 ignored)."""
+    keep = gt != 255
+    p, g = pred[keep], gt[keep]
+    ious = [((p == k) & (g == k)).sum() / ((p == k) | (g == k)).sum() for k in range(c) if (g == k).any()]
+    return float(np.mean(ious))
+
+
+def test_pseudo_label_quality_matches_a_numpy_oracle(toy, tmp_path: Path) -> None:
+    """All-pixel and reliable-pixel mIoU against the hidden labels, and the reliable share; frames
+    without ground truth are skipped."""
+    vs, frames, pred = toy
+    out = tmp_path / "set"
+    run(pred, vs, frames, out)
+    unlabeled = Frame("v1", 6, image=vs.frame(FrameRef("v1", 6)).image, label=None)
+    vs.video("v1").frames[3] = unlabeled  # this frame has no ground truth any more
+    labels, gts, ents = [], [], []
+    for ref in frames:
+        if ref == FrameRef("v1", 6):
+            continue
+        lab, ent = read_pseudo_label(out, ref, 4)
+        labels.append(lab.ravel())
+        gts.append(vs.read_label(ref).ravel())
+        ents.append(ent.ravel())
+    lab, gt, ent = np.concatenate(labels), np.concatenate(gts), np.concatenate(ents)
+    gamma = float(np.median(ent))
+    keep = ent < gamma
+    q = pl.pseudo_label_quality(out, vs, gamma=gamma, progress=False)
+    assert 0 < keep.mean() < 1  # both reliable and unreliable pixels
+    assert q["frames"] == len(frames) - 1 and q["gamma"] == gamma
+    assert q["all"]["mIoU"] == pytest.approx(_np_miou(lab, gt, 4))
+    assert q["all"]["pixel_acc"] == pytest.approx((lab == gt).mean())
+    assert q["reliable"]["mIoU"] == pytest.approx(_np_miou(lab, np.where(keep, gt, 255), 4))
+    assert q["reliable_share"] == pytest.approx(keep.mean())
+    assert pl.pseudo_label_quality(out, vs, progress=False)["gamma"] == pytest.approx(0.5 * math.log(4))
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     """A tiny synthetic set, a checkpoint trained by `semivss train` (2 iterations) and a second,

@@ -314,6 +314,49 @@ def pseudo_label_cmd(
         dist.cleanup()
 
 
+@app.command("pseudo-label-quality")
+def pseudo_label_quality_cmd(
+    set_dir: Path = typer.Argument(..., help="Pseudo-label set written by `semivss pseudo-label`."),
+    data: Path = typer.Option(..., help="Dataset root holding ground truth for (some of) the set's frames."),
+    fmt: str = typer.Option("camvid", "--format", help=FORMATS),
+    split: str = typer.Option("train", help="Split the set was written from."),
+    label_map: Optional[Path] = typer.Option(None, "--label-map", help=LABEL_MAP_HELP),
+    gamma: Optional[float] = typer.Option(None, help="Reliable iff entropy < gamma nats (default 0.5 ln C)."),
+    out: Optional[Path] = typer.Option(None, help="Also write the figures to this JSON file (never overwritten)."),
+) -> None:
+    """Score a pseudo-label set against ground truth the training did not use (e.g. the hidden labels
+    of a 1/k split): mIoU over all pseudo-labeled pixels and over the reliable ones, and the reliable
+    share of the annotated pixels."""
+    import json
+
+    from rich.table import Table
+
+    from semivss.data import formats
+    from semivss.data.remap import LabelMap
+    from semivss.inference.pseudo_label import pseudo_label_quality
+
+    if out is not None and out.exists():
+        raise SemivssError(f"{out} exists; choose another --out (results are never overwritten)")
+    videoset = formats.load_dataset(fmt, data, split)
+    if label_map is not None:
+        videoset = LabelMap.from_file(label_map).remap_videoset(videoset)
+    q = pseudo_label_quality(set_dir, videoset, gamma)
+    table = Table(title=f"{set_dir}: {q['frames']} frames with ground truth")
+    for col in ("pixels", "mIoU", "pixel acc", "mAcc"):
+        table.add_column(col, justify="right" if col != "pixels" else "left")
+    for name, label in (("all", "all"), ("reliable", f"reliable (H < {q['gamma']:.3f})")):
+        m = q[name]
+        table.add_row(label, *(f"{100 * m[k]:.2f}" for k in ("mIoU", "pixel_acc", "mAcc")))
+    console.print(table)
+    console.print(f"reliable share of annotated pixels: {100 * q['reliable_share']:.2f} %")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(q, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(out)
+        console.print(f"figures -> {out}")
+
+
 @app.command("compare-offsets")
 def compare_offsets(
     tables: list[Path] = typer.Argument(..., help="offsets.json files written by `evaluate --offsets`."),

@@ -51,6 +51,7 @@ __all__ = [
     "load_manifest",
     "make_manifest",
     "pseudo_label",
+    "pseudo_label_quality",
     "quantise_entropy",
     "read_pseudo_label",
     "shard_frames",
@@ -431,3 +432,50 @@ def pseudo_label(
     dist.barrier()
     return counts
 
+
+
+def pseudo_label_quality(
+    set_dir: str | Path, videoset: Any, gamma: float | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """How good a pseudo-label set is where the video set has ground truth for its frames (e.g. the
+    hidden labels of a label-ratio split): one confusion matrix over ALL pseudo-labeled pixels and
+    one over the RELIABLE pixels only (entropy < ``gamma`` nats, default 0.5 ln C as the
+    ``self_training`` threshold), plus the share of annotated pixels that are reliable.
+
+    Returns ``frames`` (frames with ground truth; frames without are skipped), ``gamma``,
+    ``reliable_share``, and ``all`` / ``reliable``: :func:`~semivss.metrics.metrics_from_matrix`
+    scalars (``mIoU``, ``pixel_acc``, ``mAcc``, ``fwIoU``; see ``ConfusionMatrix.compute``) and per-class ``iou``. DataError when
+    no frame of the set has ground truth."""
+    from semivss.data.pseudo import read_pseudo_set
+    from semivss.metrics.confusion import ConfusionMatrix
+
+    pset = read_pseudo_set(set_dir, videoset)
+    c = pset.num_classes
+    gamma = 0.5 * math.log(c) if gamma is None else float(gamma)
+    if gamma <= 0:
+        raise ConfigError(f"gamma must be > 0 nats, got {gamma}")
+    mats = {"all": ConfusionMatrix(c), "reliable": ConfusionMatrix(c)}
+    annotated = reliable = frames = 0
+    with make_progress(progress) as bar:
+        task = bar.add_task("checking pseudo-labels", total=len(pset.frames))
+        for ref in pset.frames:
+            bar.advance(task)
+            if videoset.frame(ref).label is None:
+                continue
+            gt = videoset.read_label(ref)
+            label, q = pset.read(ref, size=gt.shape)
+            keep = pset.decode_entropy(q) < gamma
+            mats["all"].update(label, gt)
+            mats["reliable"].update(label, np.where(keep, gt, 255).astype(gt.dtype))
+            has_gt = gt != 255
+            annotated += int(has_gt.sum())
+            reliable += int((has_gt & keep).sum())
+            frames += 1
+    if frames == 0:
+        raise DataError(f"no frame of pseudo-label set {set_dir} has a ground-truth label in {videoset.name!r}")
+    out: dict[str, Any] = {"frames": frames, "gamma": gamma, "reliable_share": reliable / max(annotated, 1)}
+    for name, mat in mats.items():
+        m = mat.compute()
+        out[name] = {k: float(m[k]) for k in ("mIoU", "pixel_acc", "mAcc", "fwIoU")}
+        out[name]["iou"] = [float(v) for v in m["iou"]]
+    return out
