@@ -1,0 +1,166 @@
+"""Training-step cost of each method relative to a supervised step, on the configs' own settings.
+
+Every config is read as it trains (method parameters, model, batch sizes, crop size); the encoder
+starts random instead of from ImageNet weights (the cost is the same) and the batches are random
+tensors shaped as the method's ``data_spec`` asks, so data loading is NOT included. One step =
+``method.training_step`` + backward + SGD step + ``method.on_step_end`` (EMA updates), timed at
+the middle of the schedule (ramps on). Methods run interleaved, one step each in turn, so a
+background load slows them alike.
+
+    python benchmarks/method_step_cost.py                       # camvid-ssvs 1/8 configs
+    python benchmarks/method_step_cost.py --iters 2 --size 64x64 configs/synthetic/{supervised,u2pl}.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIGS = [
+    "configs/camvid-ssvs/supervised_1-8.yaml",
+    "configs/camvid-ssvs/ifr_1-8.yaml",
+    "configs/camvid-ssvs/u2pl_1-8.yaml",
+    "configs/camvid-ssvs/cps_1-8.yaml",
+    "configs/camvid-ssvs/unimatch_1-8.yaml",
+    "configs/camvid-ssvs/recipe/student_self_training.yaml",
+]
+
+
+def _parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("configs", nargs="*", default=DEFAULT_CONFIGS,
+                   help="experiment YAMLs; the first is the reference (default: camvid-ssvs 1/8)")
+    p.add_argument("--iters", type=int, default=4, help="timed steps per method")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per method first")
+    p.add_argument("--size", default=None, help="crop HxW instead of each config's data.crop_size")
+    p.add_argument("--num-classes", type=int, default=11)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    args = p.parse_args(argv)
+    if args.iters < 1 or args.warmup < 0:
+        p.error("--iters must be >= 1 and --warmup >= 0")
+    return args
+
+
+def random_batch(spec: Any, b: int, u: int, h: int, w: int, c: int, gen: Any) -> dict[str, Any]:
+    """Random tensors with the keys and shapes the trainer's datasets give for ``spec``."""
+    import torch
+
+    def img(*lead: int) -> torch.Tensor:
+        return torch.randn(*lead, 3, h, w, generator=gen)
+
+    def label(n: int) -> torch.Tensor:
+        y = torch.randint(0, c, (n, h, w), generator=gen)
+        y[torch.rand(y.shape, generator=gen) < 0.05] = 255
+        return y
+
+    ones = lambda *shape: torch.ones(*shape, dtype=torch.bool)  # noqa: E731
+    batch: dict[str, Any] = {"labeled": {"image": img(b), "label": label(b), "valid": ones(b, h, w)}}
+    if spec.context_frames:
+        k = spec.context_frames
+        batch["labeled"]["context"] = img(b, k)
+        batch["labeled"]["context_offset"] = torch.ones(b, k, dtype=torch.int64)
+        if spec.context_strong:
+            batch["labeled"]["context_strong"] = img(b, k)
+    if spec.unlabeled_frames and u:
+        n = spec.unlabeled_frames
+        batch["unlabeled"] = {"image": img(u, n), "valid": ones(u, n, h, w),
+                              "offset": torch.arange(n, dtype=torch.int64).repeat(u, 1)}
+        if spec.unlabeled_strong:
+            for i in range(1, spec.unlabeled_strong_copies + 1):
+                batch["unlabeled"]["strong" if i == 1 else f"strong{i}"] = img(u, n)
+    if spec.pseudo_labeled and u:
+        batch["pseudo"] = {"image": img(u), "label": label(u).clamp(max=c - 1), "valid": ones(u, h, w),
+                           "entropy": torch.rand(u, h, w, generator=gen) * math.log(c)}
+        if spec.pseudo_strong:
+            batch["pseudo"]["strong"] = img(u)
+    return batch
+
+
+def count_images(batch: dict[str, Any]) -> int:
+    """Images the step feeds (every 4-D/5-D float tensor of 3 channels)."""
+    n = 0
+    for part in batch.values():
+        for t in part.values():
+            if t.is_floating_point() and t.dim() >= 4 and t.shape[-3] == 3:
+                n += math.prod(t.shape[:-3])
+    return n
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    import torch
+
+    from semivss.config import load_config
+    from semivss.engine.memory import tune_malloc
+    from semivss.engine.precision import images_channels_last
+    from semivss.methods import build_method
+    from semivss.models import build_model
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    tune_malloc()  # as the trainer does (train.malloc_tuning)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
+    c = args.num_classes
+    runs: dict[str, dict[str, Any]] = {}
+    for path in args.configs:
+        cfg = load_config(path, ["model.pretrained=none", "model.init_from=null"])
+        method = build_method(cfg.method_name, cfg.method_params, c)
+        spec = method.data_spec()
+        h, w = (int(v) for v in args.size.split("x")) if args.size else cfg.data.crop_size
+        gen = torch.Generator().manual_seed(0)
+        batch = random_batch(spec, cfg.data.batch_size, cfg.data.unlabeled_batch_size, h, w, c, gen)
+        batch = images_channels_last(method.to_device(batch, device))
+        torch.manual_seed(0)
+        models = method.build_models(lambda cfg=cfg: build_model(cfg.model, c))
+        models = models.to(device).to(memory_format=torch.channels_last)
+        params = [p for name in method.trainable(models) for p in models[name].parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
+        for name in method.trainable(models):
+            models[name].train()
+        runs[Path(path).stem if Path(path).stem not in runs else path] = {
+            "method": method, "models": models, "opt": opt, "batch": batch, "times": [],
+            "images": count_images(batch), "max": cfg.schedule.iters, "name": cfg.method_name,
+        }
+
+    def step(r: dict[str, Any], i: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        at = r["max"] // 2 + i
+        losses = r["method"].training_step(r["models"], r["batch"], at, r["max"])
+        r["opt"].zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        r["opt"].step()
+        r["method"].on_step_end(r["models"], at)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for i in range(args.warmup + args.iters):
+        for r in runs.values():
+            t = step(r, i)
+            if i >= args.warmup:
+                r["times"].append(t)
+    print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}; fp32 + channels_last; {args.iters} timed "
+          f"steps each after {args.warmup} warm-up; data loading excluded")
+    ref = statistics.median(next(iter(runs.values()))["times"])
+    print("| config | method | images/step | median s/step | x first |")
+    print("|---|---|---|---|---|")
+    for key, r in runs.items():
+        med = statistics.median(r["times"])
+        print(f"| {key} | {r['name']} | {r['images']} | {med:.3f} | {med / ref:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
