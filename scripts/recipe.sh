@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The offline teacher-student recipe (SPEC 2.5, PVUW 2024) end to end:
-#   1. train the teacher and 2. the student on the labeled frames,
+#   1. train the student and 2. the teacher on the labeled frames (the camvid teacher starts from
+#      the trained student),
 #   3. pseudo-label every unlabeled frame with a TTA (multi-scale + flip) teacher+student ensemble,
 #   4. fine-tune the student on labeled + pseudo-labeled frames (reliable CE + contrastive loss),
-#   5. evaluate each stage: student alone, + self-training, + TTA, + ensemble with the teacher.
+#   5. evaluate each stage: student alone, + self-training, + TTA, + ensemble with the teacher
+#      (and the student with TTA but without self-training, to separate the two).
 # Usage: scripts/recipe.sh synthetic | camvid     (steps whose outputs exist are skipped, so an
 # interrupted recipe continues where it stopped). Environment: RUNS (output folder, default runs),
 # ITERS (override every training's iteration count, for a smoke test), DATA (synthetic set) or
@@ -36,8 +38,8 @@ train() {  # config out_dir [--set ...]: train unless finished, resume if interr
   local resume=(); [ -f "$out/checkpoints/last.pt" ] && resume=(--resume)
   semivss train "$cfg" --out "$out" --set data.root="$DATA" "${SET[@]}" "$@" "${resume[@]}"
 }
-train "$CFG/recipe/teacher.yaml" "$TEACHER"
 train "$STUDENT_CFG" "$STUDENT"
+train "$CFG/recipe/teacher.yaml" "$TEACHER"
 PL=(semivss pseudo-label "$TEACHER/model.safetensors" --ensemble "$STUDENT/model.safetensors"
     --weights 2,1 --scales "$SCALES" --flip --data "$DATA" --format "$FMT" --split train
     "${RULE[@]}" --out "$PSEUDO")
@@ -52,6 +54,7 @@ evaluate() {  # name checkpoint [options]: val metrics into $FINAL/stages/<name>
 }
 evaluate teacher "$TEACHER/model.safetensors"
 evaluate student "$STUDENT/model.safetensors"
+evaluate student+tta "$STUDENT/model.safetensors" --scales "$SCALES" --flip  # TTA without self-training
 evaluate student+self-training "$FINAL/model.safetensors"
 evaluate student+self-training+tta "$FINAL/model.safetensors" --scales "$SCALES" --flip
 evaluate student+self-training+tta+ensemble "$FINAL/model.safetensors" \
@@ -60,7 +63,7 @@ python - "$FINAL/stages" <<'PY'
 import json, sys
 from pathlib import Path
 rows = []
-for name in ["teacher", "student", "student+self-training", "student+self-training+tta",
+for name in ["teacher", "student", "student+tta", "student+self-training", "student+self-training+tta",
              "student+self-training+tta+ensemble"]:
     m = json.loads((Path(sys.argv[1]) / name / "metrics.json").read_text())["metrics"]
     pct = lambda v: "-" if v is None or v != v else f"{100 * v:.2f}"  # None/NaN: no VC window
