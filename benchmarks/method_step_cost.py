@@ -84,7 +84,8 @@ def random_batch(spec: Any, b: int, u: int, h: int, w: int, c: int, gen: Any) ->
 
 
 def count_images(batch: dict[str, Any]) -> int:
-    """Images the step feeds (every 4-D/5-D float tensor of 3 channels)."""
+    """Images in the batch (every 4-D/5-D float tensor of 3 channels); a method may leave some
+    unused (IFR runs 27 of its 28: one strong copy of the unlabeled pair)."""
     n = 0
     for part in batch.values():
         for t in part.values():
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
         for name in method.trainable(models):
             models[name].train()
-        runs[Path(path).stem if Path(path).stem not in runs else path] = {
+        key = Path(path).stem if Path(path).stem not in runs else path  # same stem twice: full path
+        runs[key] = {
             "method": method, "models": models, "opt": opt, "batch": batch, "times": [],
             "images": count_images(batch), "max": cfg.schedule.iters, "name": cfg.method_name,
         }
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{platform.processor() or platform.machine()}; fp32 + channels_last; {args.iters} timed "
           f"steps each after {args.warmup} warm-up; data loading excluded")
     ref = statistics.median(next(iter(runs.values()))["times"])
-    print("| config | method | images/step | median s/step | x first |")
+    print("| config | method | images in batch | median s/step | x first |")
     print("|---|---|---|---|---|")
     for key, r in runs.items():
         med = statistics.median(r["times"])

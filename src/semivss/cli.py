@@ -333,6 +333,7 @@ def pseudo_label_quality_cmd(
 
     from semivss.data import formats
     from semivss.data.remap import LabelMap
+    from semivss.engine.checkpoint import atomic_write
     from semivss.inference.pseudo_label import pseudo_label_quality
 
     if out is not None and out.exists():
@@ -350,10 +351,7 @@ def pseudo_label_quality_cmd(
     console.print(table)
     console.print(f"reliable share of annotated pixels: {100 * q['reliable_share']:.2f} %")
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(q, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(out)
+        atomic_write(out, lambda f: f.write((json.dumps(q, indent=2) + "\n").encode()))
         console.print(f"figures -> {out}")
 
 

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from semivss.data.video import FrameRef
 from semivss.engine import dist
+from semivss.engine.checkpoint import atomic_write
 from semivss.errors import ConfigError, DataError, SemivssError
 from semivss.inference.evaluate import make_progress
 from semivss.inference.predict import Predictor, ProbFn
@@ -128,10 +129,7 @@ def write_frame(out_dir: Path, ref: FrameRef, label: np.ndarray, entropy_q: np.n
 
 
 def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write((json.dumps(data, indent=1) + "\n").encode()))
 
 
 def load_manifest(out_dir: str | Path) -> dict[str, Any]:
@@ -433,7 +431,6 @@ def pseudo_label(
     return counts
 
 
-
 def pseudo_label_quality(
     set_dir: str | Path, videoset: Any, gamma: float | None = None, progress: bool = True
 ) -> dict[str, Any]:
@@ -443,9 +440,9 @@ def pseudo_label_quality(
     ``self_training`` threshold), plus the share of annotated pixels that are reliable.
 
     Returns ``frames`` (frames with ground truth; frames without are skipped), ``gamma``,
-    ``reliable_share``, and ``all`` / ``reliable``: :func:`~semivss.metrics.metrics_from_matrix`
-    scalars (``mIoU``, ``pixel_acc``, ``mAcc``, ``fwIoU``; see ``ConfusionMatrix.compute``) and per-class ``iou``. DataError when
-    no frame of the set has ground truth."""
+    ``reliable_share``, and ``all`` / ``reliable``: ``mIoU``, ``pixel_acc``, ``mAcc``, ``fwIoU``
+    and per-class ``iou`` (``ConfusionMatrix.compute``). DataError when no frame of the set has
+    ground truth."""
     from semivss.data.pseudo import read_pseudo_set
     from semivss.metrics.confusion import ConfusionMatrix
 
