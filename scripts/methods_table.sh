@@ -46,22 +46,13 @@ for m in "${METHODS[@]}"; do
     --format "$FMT" --split val "${EVAL[@]}" --out "$out/eval-val"
 done
 
-python - "$RUNS" "$P" "$ITERS" "${METHODS[@]}" <<'PY'
-import csv, json, statistics, sys
-from pathlib import Path
-runs, p, iters, methods = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
-def s_per_it(run: Path) -> float:
-    rows = list(csv.DictReader((run / "metrics.csv").open()))
-    return 1.0 / statistics.median(float(r["it_s"]) for r in rows if r.get("it_s"))
-ref = runs / f"{p}-supervised-{iters}it"
-base = s_per_it(ref) if (ref / "metrics.csv").exists() else None
-pct = lambda v: "-" if v is None or v != v else f"{100 * v:.2f}"  # None/NaN: no VC window
-print(f"| method | iterations | val mIoU | VC8 | VC16 | s/it (median) | time/it vs supervised |")
-print("|---|---|---|---|---|---|---|")
-for m in methods:
-    run = runs / f"{p}-{m}-{iters}it"
-    met = json.loads((run / "eval-val" / "metrics.json").read_text())["metrics"]
-    t = s_per_it(run)
-    rel = f"{t / base:.2f}x" if base else "-"
-    print(f"| {m} | {iters} | {pct(met['mIoU'])} | {pct(met.get('VC8'))} | {pct(met.get('VC16'))} | {t:.2f} | {rel} |")
-PY
+# the table: supervised first (the 1.00x row) whenever its run exists
+rows=() names=()
+if [ -f "$RUNS/$P-supervised-${ITERS}it/eval-val/metrics.json" ]; then
+  rows+=("$RUNS/$P-supervised-${ITERS}it/eval-val") names+=(--name supervised)
+fi
+for m in "${METHODS[@]}"; do
+  [ "$m" = supervised ] && continue
+  rows+=("$RUNS/$P-$m-${ITERS}it/eval-val") names+=(--name "$m")
+done
+semivss compare "${rows[@]}" "${names[@]}"

@@ -59,14 +59,8 @@ evaluate student+self-training "$FINAL/model.safetensors"
 evaluate student+self-training+tta "$FINAL/model.safetensors" --scales "$SCALES" --flip
 evaluate student+self-training+tta+ensemble "$FINAL/model.safetensors" \
   --ensemble "$TEACHER/model.safetensors" --weights 1,1 --scales "$SCALES" --flip
-python - "$FINAL/stages" <<'PY'
-import json, sys
-from pathlib import Path
-rows = []
-for name in ["teacher", "student", "student+tta", "student+self-training", "student+self-training+tta",
-             "student+self-training+tta+ensemble"]:
-    m = json.loads((Path(sys.argv[1]) / name / "metrics.json").read_text())["metrics"]
-    pct = lambda v: "-" if v is None or v != v else f"{100 * v:.2f}"  # None/NaN: no VC window
-    rows.append(f"| {name} | {pct(m['mIoU'])} | {pct(m.get('VC8'))} | {pct(m.get('VC16'))} |")
-print("| stage | val mIoU | VC8 | VC16 |\n|---|---|---|---|\n" + "\n".join(rows))
-PY
+S=$FINAL/stages
+semivss compare "$S/teacher" "$S/student" "$S/student+tta" "$S/student+self-training" \
+  "$S/student+self-training+tta" "$S/student+self-training+tta+ensemble" \
+  --name teacher --name student --name student+tta --name student+self-training \
+  --name student+self-training+tta --name student+self-training+tta+ensemble --no-speed

@@ -122,6 +122,24 @@ def test_augment_reproducible_and_checks() -> None:
         aug([img], [lab[:40]], 0)
 
 
+def test_image_with_masks_gives_every_mask_the_clip_geometry() -> None:
+    """Several masks of one image (pseudo-label + entropy) get one set of parameters, the same
+    as the frame-aligned call with that seed, and the image is augmented once."""
+    img, lab = _scene(4, block=16)
+    other = (255 - lab).astype(np.uint8)  # a second mask with different values
+    aug = ClipAugment((40, 56), base_size=(40, 52), scale_range=(0.5, 2.0))
+    for seed in range(8):
+        a, (m, n) = aug.image_with_masks(img, [lab, other], seed)
+        (ref_a, _), (ref_m, ref_n) = aug([img, img], [lab, other], seed)
+        np.testing.assert_array_equal(a, ref_a)
+        np.testing.assert_array_equal(m, ref_m)  # type: ignore[arg-type]
+        np.testing.assert_array_equal(n, ref_n)  # type: ignore[arg-type]
+        inside = m != 255
+        np.testing.assert_array_equal(n[inside], 255 - m[inside])  # same geometry, exactly
+    with pytest.raises(DataError, match="does not match"):
+        aug.image_with_masks(img, [lab, other[:40]], 0)
+
+
 def test_strong_photometric() -> None:
     img, _ = _scene(4)
     strong = StrongPhotometric()

@@ -385,6 +385,32 @@ def compare_offsets(
     console.print(f"comparison -> {out}, {out.with_suffix('.json')}, {out.with_suffix('.csv')}")
 
 
+@app.command("compare")
+def compare_cmd(
+    results: list[Path] = typer.Argument(..., help="metrics.json files of `semivss evaluate` (or their folders)."),
+    name: list[str] = typer.Option([], "--name", help="Row name of each result, in order (default: its run folder)."),
+    baseline: Optional[str] = typer.Option(None, help="Row whose training time per iteration is 1.00x (default: first timed row)."),
+    per_class: bool = typer.Option(False, "--per-class", help="Add a class x model IoU table."),
+    speed: bool = typer.Option(True, "--speed/--no-speed", help="Read the training time of <run>/metrics.csv."),
+    out: Optional[Path] = typer.Option(None, help="Also write the markdown to this file (never overwritten)."),
+) -> None:
+    """One markdown table of several evaluated models: mIoU, VC_n and, for evaluations inside a
+    training run (<run>/eval-*/metrics.json), the run's median s/it relative to the baseline."""
+    from semivss.engine.checkpoint import atomic_write
+    from semivss.metrics.report import comparison_markdown, load_summary
+
+    if name and len(name) != len(results):
+        raise SemivssError(f"--name given {len(name)} times for {len(results)} results")
+    if out is not None and out.exists():
+        raise SemivssError(f"{out} exists; choose another --out (results are never overwritten)")
+    rows = [load_summary(path, name[i] if name else None, speed) for i, path in enumerate(results)]
+    text = comparison_markdown(rows, baseline=baseline, per_class=per_class)
+    typer.echo(text)
+    if out is not None:
+        atomic_write(out, lambda f: f.write((text + "\n").encode()))
+        console.print(f"table -> {out}")
+
+
 @data_app.command("synth")
 def data_synth(
     out: Path = typer.Argument(..., help="Output folder (folder format)."),

@@ -236,18 +236,16 @@ class PseudoLabeledFrames(Dataset[dict[str, torch.Tensor]]):
         image = self.videoset.read_image(ref)
         label, q = self.set.read(ref, (int(image.shape[0]), int(image.shape[1])))
         # one call = one set of geometric parameters for the label and the entropy (both masks,
-        # nearest, padded with 255); the image is passed twice to carry the two masks
-        imgs, masks = self.augment([image, image], [label, q], int(rng.integers(_U32)))
-        lab, q_aug = masks[0], masks[1]
-        assert lab is not None and q_aug is not None
+        # nearest, padded with 255)
+        img, (lab, q_aug) = self.augment.image_with_masks(image, [label, q], int(rng.integers(_U32)))
         valid = lab != IGNORE_INDEX
         ent = np.where(valid, self.set.decode_entropy(q_aug), np.float32(np.inf)).astype(np.float32)
         out = {
-            "image": to_tensor(imgs[0]),
+            "image": to_tensor(img),
             "label": label_to_tensor(lab),
             "entropy": torch.from_numpy(ent),
             "valid": torch.from_numpy(valid),
         }
         if self.use_strong:
-            out["strong"] = to_tensor(self.strong(imgs[0], int(rng.integers(_U32))))
+            out["strong"] = to_tensor(self.strong(img, int(rng.integers(_U32))))
         return out

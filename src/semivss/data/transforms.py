@@ -107,7 +107,7 @@ class ClipAugment:
     ) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
         """Augment a clip: `images` uint8 HxWx3 (all the same size), `masks` uint8 HxW or None
         per frame (same length as `images`). Returns lists of the same lengths."""
-        out_images, out_masks, _ = self._apply(images, masks, seed, with_valid=False)
+        out_images, out_masks, _ = self._per_frame(images, masks, seed, with_valid=False)
         return out_images, out_masks
 
     def with_valid(
@@ -117,45 +117,62 @@ class ClipAugment:
         comes from the frames, False in the crop padding. The mask rides in the same albumentations
         call as the frames (one more mask in the stack), so images and masks are exactly those of
         :meth:`__call__` with the same seed."""
-        out_images, out_masks, valid = self._apply(images, masks, seed, with_valid=True)
+        out_images, out_masks, valid = self._per_frame(images, masks, seed, with_valid=True)
         assert valid is not None
         return out_images, out_masks, valid
 
-    def _apply(
+    def image_with_masks(
+        self, image: np.ndarray, masks: Sequence[np.ndarray], seed: int
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Augment one HxWx3 image with any number of HxW uint8 masks of its size (e.g. a
+        pseudo-label and its quantised entropy) under one set of geometric parameters: the
+        image is resized and cropped once, and each mask gets the nearest-neighbour geometry,
+        padded with the ignore value. Same parameters as :meth:`__call__` with the same seed."""
+        out_images, out_masks = self._apply([image], list(masks), seed)
+        return out_images[0], out_masks
+
+    def _per_frame(
         self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray | None], seed: int, with_valid: bool
     ) -> tuple[list[np.ndarray], list[np.ndarray | None], np.ndarray | None]:
-        if not images:
-            raise ValueError("ClipAugment needs at least one image")
+        """Frame-aligned masks (None = no mask for that frame), plus the optional validity marker."""
         if len(masks) != len(images):
             raise ValueError(f"got {len(images)} images but {len(masks)} masks")
+        present = [i for i, m in enumerate(masks) if m is not None]
+        stack = [m for m in masks if m is not None]
+        # validity marker: frame pixels keep `mark`, padding gets the ignore value
+        mark = 1 if self.ignore_index != 1 else 2
+        if with_valid and images:
+            stack.append(np.full(images[0].shape[:2], mark, dtype=np.uint8))
+        out_images, out_stack = self._apply(images, stack, seed)
+        out_masks: list[np.ndarray | None] = [None] * len(masks)
+        for j, i in enumerate(present):
+            out_masks[i] = out_stack[j]
+        valid = out_stack[-1] == mark if with_valid else None
+        return out_images, out_masks, valid
+
+    def _apply(
+        self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray], seed: int
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """One albumentations call: every image and every mask under the same parameters."""
+        if not len(images):
+            raise ValueError("ClipAugment needs at least one image")
         shape = images[0].shape
         for im in images:
             if im.shape != shape or im.ndim != 3 or im.shape[2] != 3:
                 raise DataError(
                     f"frames of one clip must be HxWx3 of the same size, got {[i.shape for i in images]}"
                 )
-        present = [i for i, m in enumerate(masks) if m is not None]
-        for i in present:
-            m = masks[i]
-            assert m is not None
+        for m in masks:
             if m.shape != shape[:2]:
                 raise DataError(f"label of size {m.shape} does not match its image {shape[:2]}")
-        stack = [masks[i] for i in present]
-        # validity marker: frame pixels keep `mark`, padding gets the ignore value
-        mark = 1 if self.ignore_index != 1 else 2
-        if with_valid:
-            stack.append(np.full(shape[:2], mark, dtype=np.uint8))
         self._pipeline.set_random_seed(int(seed) % _MAX_SEED)
         data: dict[str, np.ndarray] = {"images": np.stack(images)}
-        if stack:
-            data["masks"] = np.stack(stack)  # type: ignore[arg-type]
+        if masks:
+            data["masks"] = np.stack(masks)  # type: ignore[arg-type]
         out = self._pipeline(**data)
         out_images = [np.ascontiguousarray(x) for x in out["images"]]
-        out_masks: list[np.ndarray | None] = [None] * len(masks)
-        for j, i in enumerate(present):
-            out_masks[i] = np.ascontiguousarray(out["masks"][j])
-        valid = np.ascontiguousarray(out["masks"][-1] == mark) if with_valid else None
-        return out_images, out_masks, valid
+        out_masks = [np.ascontiguousarray(x) for x in out["masks"]] if masks else []
+        return out_images, out_masks
 
 
 class StrongPhotometric:

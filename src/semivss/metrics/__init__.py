@@ -10,19 +10,24 @@ from semivss.metrics.offset import (
     plot_offsets,
     save_offset_tables,
 )
+from semivss.metrics.report import Summary, comparison_markdown, load_summary, training_speed
 from semivss.metrics.vc import VideoConsistency, vc_window_scores, video_consistency
 
 __all__ = [
     "ConfusionMatrix",
     "OffsetRow",
     "OffsetTable",
+    "Summary",
     "VideoConsistency",
+    "comparison_markdown",
+    "load_summary",
     "merge_tables",
     "metrics_from_matrix",
     "offset_table",
     "offset_table_text",
     "plot_offsets",
     "save_offset_tables",
+    "training_speed",
     "vc_window_scores",
     "video_consistency",
 ]
