@@ -17,6 +17,7 @@ from semivss.methods.parts import (
     EMATeacher,
     alpha_schedule,
     apply_cutmix,
+    average_buffers,
     batch_cutmix_boxes,
     box_mix_mask,
     class_ranks,
@@ -102,7 +103,9 @@ def test_ema_decay_formula() -> None:
     assert ema_decay(500, max_decay=0.999) == pytest.approx(1 - 1 / 501)
 
 
-def test_ema_update_matches_formula_and_copies_buffers() -> None:
+def test_ema_update_matches_formula_and_keeps_the_teachers_buffers() -> None:
+    """Parameters follow t = d t + (1 - d) s; BatchNorm statistics stay the teacher's own (SPEC
+    2.3: EMA over parameters) unless copy_buffers makes the teacher a full copy."""
     torch.manual_seed(0)
     student = _BNNet()
     teacher = make_teacher(student)
@@ -110,7 +113,8 @@ def test_ema_update_matches_formula_and_copies_buffers() -> None:
     with torch.no_grad():
         for p in student.parameters():
             p.add_(torch.randn_like(p))
-    student(torch.randn(4, 2, 3, 3))  # changes the BN running statistics
+    student(torch.randn(4, 2, 3, 3))  # changes the student's BN running statistics
+    teacher(torch.randn(4, 2, 3, 3))  # and the teacher's own, differently
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     decay = EMATeacher(0.99).update(teacher, student, step=4)
     assert decay == pytest.approx(0.8)
@@ -119,10 +123,43 @@ def test_ema_update_matches_formula_and_copies_buffers() -> None:
         expected = 0.8 * before[name] + 0.2 * s_state[name]
         assert torch.allclose(teacher.state_dict()[name], expected, atol=1e-6), name
     for name, _ in student.named_buffers():
-        assert torch.equal(teacher.state_dict()[name], s_state[name]), name
-    ema_update(teacher, student, step=0)  # decay 0: the teacher becomes the student
+        assert torch.equal(teacher.state_dict()[name], before[name]), name
+    assert not torch.equal(before["bn.running_mean"], s_state["bn.running_mean"])
+    ema_update(teacher, student, step=0, copy_buffers=True)  # decay 0 + buffers: the student
     for name, value in teacher.state_dict().items():
         assert torch.allclose(value.float(), s_state[name].float()), name
+
+
+def _average_buffers_worker(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        net = _BNNet()
+        with torch.no_grad():
+            net.bn.running_mean.fill_(float(rank))  # rank 0: 0, rank 1: 1
+            net.bn.running_var.fill_(2.0 + 2 * rank)  # 2, 4
+            net.bn.num_batches_tracked.fill_(7)
+        average_buffers(net)
+        torch.save({k: v for k, v in net.bn.state_dict().items()}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_average_buffers_over_two_gloo_ranks(tmp_path) -> None:
+    """Under DDP the teachers' BatchNorm statistics become the mean over the ranks."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_average_buffers_worker, args=(f"file://{tmp_path}/store", str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        bn = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert torch.equal(bn["running_mean"], torch.full((3,), 0.5))
+        assert torch.equal(bn["running_var"], torch.full((3,), 3.0))
+        assert int(bn["num_batches_tracked"]) == 7
+    net = _BNNet()
+    ref = {k: v.clone() for k, v in net.state_dict().items()}
+    average_buffers(net)  # no process group: nothing changes
+    assert all(torch.equal(v, ref[k]) for k, v in net.state_dict().items())
 
 
 # ------------------------------------------------------------------ CutMix

@@ -23,14 +23,18 @@ One iteration (labeled batch x_l, y_l; unlabeled batch x_u, first frame of each 
    label there, so they are neither anchors nor negatives. A batch without ``valid`` counts every
    pixel as valid.
 L = L_sup + unsup_weight L_unsup + contrastive_weight L_contra (0.1, the paper's value).
-After each optimiser step the teacher follows the student by EMA (parameters; buffers copied).
+After each optimiser step the teacher's parameters follow the student's by EMA; its BatchNorm
+statistics are its own, collected by its train-mode forward of step 4 (official code), and
+averaged over DDP ranks (the official code uses SyncBN).
 ``sup_only_iters`` (official ``sup_only_epoch``: 0 in the Cityscapes config, 1 epoch by default)
 trains on labeled frames only for that many iterations; the teacher is then reset to the student
 and the EMA ramp starts again.
 
-Differences from the official code: plain CE instead of OHEM for the supervised term; EMA also
-copies BatchNorm buffers; the same 30,000-feature queue size for every class (official: 50,000
-for class 0); bilinear upsampling with ``align_corners=False`` throughout.
+Differences from the official code: plain CE instead of OHEM for the supervised term; the same
+30,000-feature queue size for every class (official: 50,000 for class 0); bilinear upsampling
+with ``align_corners=False`` throughout; at the end of a supervised-only warm-up the teacher
+copies the student's BatchNorm statistics too (the official teacher collects its own during the
+warm-up with an extra forward).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from semivss.methods.parts import (
     ContrastiveSettings,
     alpha_schedule,
     apply_cutmix,
+    average_buffers,
     batch_cutmix_boxes,
     ema_update,
     entropy,
@@ -166,7 +171,7 @@ class U2PL(Method):
             return {"loss": loss_sup + unused, "loss_sup": loss_sup.detach(), "loss_unsup": zero,
                     "loss_contra": zero, "reliable_ratio": zero}
         if cfg.sup_only_iters > 0 and step == cfg.sup_only_iters:  # teacher := warmed-up student
-            ema_update(teacher, unwrap(student), 0)
+            ema_update(teacher, unwrap(student), 0, copy_buffers=True)
         x_u = batch["unlabeled"]["image"][:, 0]
         valid = unlabeled_valid(batch["unlabeled"])  # None: every pixel valid (older batches)
         n_l, n_u = x_l.shape[0], x_u.shape[0]
@@ -280,11 +285,14 @@ class U2PL(Method):
         )
 
     def on_step_end(self, models: nn.ModuleDict, step: int) -> None:
-        """EMA update of the teacher, decay min(1 - 1/(t+1), ema_decay) with t counted from the
-        end of the supervised-only warm-up (none during the warm-up)."""
+        """EMA update of the teacher's parameters, decay min(1 - 1/(t+1), ema_decay) with t counted
+        from the end of the supervised-only warm-up (none during the warm-up). The teacher's
+        BatchNorm statistics are its own (its train-mode forward of step 4), averaged over ranks."""
         t = step - self.cfg.sup_only_iters
         if t >= 0:
-            ema_update(unwrap(models["teacher"]), unwrap(models["model"]), t, self.cfg.ema_decay)
+            teacher = unwrap(models["teacher"])
+            ema_update(teacher, unwrap(models["model"]), t, self.cfg.ema_decay)
+            average_buffers(teacher)
 
     def inference_model(self, models: nn.ModuleDict) -> nn.Module:
         """The EMA teacher (what the official code evaluates) unless ``eval_teacher: false``."""

@@ -15,7 +15,7 @@ from semivss.methods.parts.cutmix import (
     roll_permutation,
     step_generator,
 )
-from semivss.methods.parts.ema import EMATeacher, ema_decay, ema_update, make_teacher
+from semivss.methods.parts.ema import EMATeacher, average_buffers, ema_decay, ema_update, make_teacher
 from semivss.methods.parts.memory_bank import ClassMemoryBank, gather_rows
 from semivss.methods.parts.padding import ignore_invalid, labeled_valid, unlabeled_valid
 from semivss.methods.parts.reliability import (
@@ -29,6 +29,7 @@ __all__ = [
     "ClassMemoryBank",
     "ContrastiveSettings",
     "EMATeacher",
+    "average_buffers",
     "alpha_schedule",
     "apply_cutmix",
     "batch_cutmix_boxes",

@@ -2,7 +2,12 @@
 
 The teacher is a frozen copy of the student. After every optimiser step its parameters follow
 ``t <- d * t + (1 - d) * s`` with ``d = min(1 - 1 / (step + 1), max_decay)`` (``step`` counted from
-0, so the first update copies the student); buffers (BatchNorm running statistics) are copied.
+0, so the first update copies the student). The EMA covers parameters only (SPEC 2.3): the
+teacher keeps its own buffers, i.e. the BatchNorm running statistics that its train-mode forward
+collects every iteration (official U2PL), so they belong to the teacher's averaged weights.
+Copying the student's statistics instead pairs them with weights that lag the student by about
+1 / (1 - d) steps. Under DDP, :func:`average_buffers` keeps the teachers of all ranks identical
+(the official code uses SyncBN).
 """
 
 from __future__ import annotations
@@ -11,9 +16,10 @@ import copy
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-__all__ = ["EMATeacher", "ema_decay", "ema_update", "make_teacher"]
+__all__ = ["EMATeacher", "average_buffers", "ema_decay", "ema_update", "make_teacher"]
 
 
 def ema_decay(step: int, max_decay: float = 0.99) -> float:
@@ -32,11 +38,14 @@ def make_teacher(student: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, step: int, max_decay: float = 0.99) -> float:
+def ema_update(
+    teacher: nn.Module, student: nn.Module, step: int, max_decay: float = 0.99, copy_buffers: bool = False
+) -> float:
     """Update ``teacher`` in place from ``student`` (same architecture); returns the decay used.
 
-    Parameters: ``t = d * t + (1 - d) * s`` with ``d = ema_decay(step, max_decay)``; buffers are
-    copied from the student. Parameters and buffers are matched by name.
+    Parameters: ``t = d * t + (1 - d) * s`` with ``d = ema_decay(step, max_decay)``, matched by
+    name. Buffers stay the teacher's own unless ``copy_buffers`` (e.g. to make the teacher a full
+    copy of a warmed-up student).
     """
     decay = ema_decay(step, max_decay)
     s_params = dict(student.named_parameters())
@@ -47,12 +56,33 @@ def ema_update(teacher: nn.Module, student: nn.Module, step: int, max_decay: flo
     for name, t in t_params.items():
         s = s_params[name].detach()
         t.mul_(decay).add_(s.to(t.dtype), alpha=1.0 - decay)
-    s_bufs = dict(student.named_buffers())
-    for name, buf in teacher.named_buffers():
-        if name not in s_bufs:
-            raise ValueError(f"teacher buffer {name!r} has no counterpart in the student")
-        buf.copy_(s_bufs[name])
+    if copy_buffers:
+        s_bufs = dict(student.named_buffers())
+        for name, buf in teacher.named_buffers():
+            if name not in s_bufs:
+                raise ValueError(f"teacher buffer {name!r} has no counterpart in the student")
+            buf.copy_(s_bufs[name])
     return decay
+
+
+@torch.no_grad()
+def average_buffers(module: nn.Module) -> None:
+    """Average the floating-point buffers (BatchNorm running statistics) of ``module`` over the
+    ranks of the default process group; nothing without one. Integer buffers (batch counters)
+    are the same on every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    bufs = [b for b in module.buffers() if b.is_floating_point()]
+    if not bufs:
+        return
+    flat = torch.cat([b.reshape(-1).float() for b in bufs])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for b in bufs:
+        n = b.numel()
+        b.copy_(flat[offset : offset + n].view_as(b).to(b.dtype))
+        offset += n
 
 
 @dataclass(frozen=True)
