@@ -8,7 +8,7 @@ import csv
 import json
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,6 @@ class Summary:
     metrics: dict[str, Any]
     s_per_it: float | None = None  # training seconds per iteration of the run it belongs to
     iters: int | None = None  # last logged training step of that run
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def training_speed(metrics_csv: Path) -> tuple[float | None, int | None]:
