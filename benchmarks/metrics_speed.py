@@ -1,4 +1,4 @@
-"""Throughput of the metric accumulators (SPEC section 3).
+"""Throughput of the metric accumulators (docs/methods.md#9-metrics).
 
 Prints ConfusionMatrix.update throughput (Mpixels/s) and VideoConsistency accumulation (frames/s,
 VC8 + VC16 together) at 360x480 and 1024x2048 with 11 (CamVid) and 124 (VSPW) classes.

@@ -1,4 +1,4 @@
-"""Pseudo-labelling throughput (frames/s, PNG writing included): 1 scale vs the SPEC 2.5 TTA of 8
+"""Pseudo-labelling throughput (frames/s, PNG writing included): 1 scale vs the docs/methods.md#7-offline-teacher-student-self-training TTA of 8
 scales {512, 640, ..., 1408}/896 x horizontal flip (16 forward passes per frame).
 
 A MobileNetV2 DeepLabV3+ (random init; speed does not depend on the weights) labels synthetic

@@ -35,7 +35,7 @@ for m in "${METHODS[@]}"; do
   [ -f "$cfg" ] || { echo "no config $cfg for method $m" >&2; exit 2; }
   out=$RUNS/$P-$m-${ITERS}it
   extra=()
-  # IFR's loss ramp (SPEC 2.2: 4000 of 40k iterations) scaled to the budget, as every config does
+  # IFR's loss ramp (docs/methods.md#3-ifr: 4000 of 40k iterations) scaled to the budget, as every config does
   [ "$m" = ifr ] && extra=(--set method.ramp_iters=$((ITERS / 10)))
   if [ ! -f "$out/model.safetensors" ]; then
     resume=(); [ -f "$out/checkpoints/last.pt" ] && resume=(--resume)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The offline teacher-student recipe (SPEC 2.5, PVUW 2024) end to end:
+# The offline teacher-student recipe (docs/methods.md#7-offline-teacher-student-self-training, PVUW 2024) end to end:
 #   1. train the student and 2. the teacher on the labeled frames (the camvid teacher starts from
 #      the trained student),
 #   3. pseudo-label every unlabeled frame with a TTA (multi-scale + flip) teacher+student ensemble,

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from semivss.data.batch import LabeledBatch
+
 NUM_CLASSES = 4
 # class colours in normalised image space; the network must learn colour -> class
 COLOURS = torch.tensor(
@@ -64,7 +66,8 @@ def render(label: torch.Tensor, g: torch.Generator | None, noise: float = 0.4) -
 
 class ToyRegions(Dataset):
     """In-memory labeled frames indexed by ``(index, sample_seed)``; the seed drives the noise and
-    a random horizontal flip, so every draw is reproducible from the sampler alone."""
+    a random horizontal flip, so every draw is reproducible from the sampler alone. Samples are
+    ``LabeledBatch`` es with an all-True ``valid`` (no crop padding)."""
 
     def __init__(self, n: int = 16, size: int = 32, seed: int = 0) -> None:
         self.labels = make_labels(n, size, seed)
@@ -72,14 +75,14 @@ class ToyRegions(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor]:
+    def __getitem__(self, item: tuple[int, int]) -> LabeledBatch:
         index, seed = item
         g = torch.Generator().manual_seed(int(seed))
         label = self.labels[index]
         image = render(label, g)
         if float(torch.rand((), generator=g)) < 0.5:
             image, label = image.flip(-1), label.flip(-1)
-        return {"image": image, "label": label.clone()}
+        return LabeledBatch(image, label.clone(), torch.ones(label.shape, dtype=torch.bool))
 
 
 def pixel_accuracy_fn(n: int = 8, size: int = 32, seed: int = 123):

@@ -88,6 +88,27 @@ def test_predict_folder_writes_pngs_overlays_and_mp4(tiny) -> None:
     assert (out / "overlay.mp4").stat().st_size > 0
 
 
+def test_smooth_option_steps_every_frame_and_raises_vc(tiny) -> None:
+    """--smooth (a temporal VideoPredictor) through evaluate and predict: a momentum near 1 keeps
+    most of the first frame's prediction, so consecutive predictions agree at least as often."""
+    outs = {}
+    for m in ("0", "0.9"):
+        out = tiny["root"] / f"eval-smooth-{m}"
+        _invoke(["evaluate", tiny["run"] / "model.safetensors", "--data", tiny["data"], "--format",
+                 "synthetic", "--split", "val", "--smooth", m, "--out", out])
+        outs[m] = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert outs["0.9"]["n_frames"] == outs["0"]["n_frames"] == 10
+    assert outs["0.9"]["VC8"] >= outs["0"]["VC8"]
+    video = (tiny["data"] / "val.txt").read_text().split()[0]
+    out = tiny["root"] / "pred-smooth"
+    _invoke(["predict", tiny["run"] / "model.safetensors", tiny["data"] / "videos" / video, out,
+             "--smooth", "0.5"])
+    assert len(list((out / "labels").glob("*.png"))) == 10
+    bad = runner.invoke(app, ["predict", str(tiny["run"] / "model.safetensors"),
+                              str(tiny["data"] / "videos" / video), str(tiny["root"] / "p2"), "--smooth", "1"])
+    assert bad.exit_code != 0 and "momentum" in str(bad.exception)
+
+
 def test_user_errors_exit_2_with_named_key(tiny, tmp_path, monkeypatch, capsys) -> None:
     bad = yaml.safe_load(tiny["cfg"].read_text())
     bad["train"]["learning_rate"] = 1

@@ -1,9 +1,10 @@
-"""CPS and UniMatch (SPEC 2.4): losses against numpy oracles, two-network initialisation,
+"""CPS and UniMatch (docs/methods.md#5-cps, #6-unimatch): losses against numpy oracles, two-network initialisation,
 feature-perturbation hook, two strong views from the data layer, training through the engine."""
 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import cv2
@@ -12,13 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from engine_toy import NUM_CLASSES, ToyRegions, pixel_accuracy_fn
-from test_u2pl import TinySegModel, ToyUnlabeled, _padding_mask, toy_batch
+from test_u2pl import TinySegModel, ToyUnlabeled, _padding_mask, toy_batch, with_valid
 from torch import Tensor, nn
 
 from semivss.data import ClipAugment, FrameRef, UnlabeledClips, load_folder
+from semivss.data.requests import UnlabeledRequest
 from semivss.engine import OptimConfig, ScheduleConfig, TrainConfig, Trainer
 from semivss.errors import ConfigError
-from semivss.methods.base import DataSpec, Method
+from semivss.methods.base import DataSpec, ExportSpec, Method
 from semivss.methods.cps import CPS, ProbAverage
 from semivss.methods.parts import batch_cutmix_boxes, box_mix_mask, step_generator
 from semivss.methods.unimatch import UniMatch, confident_ce, feature_dropout
@@ -76,14 +78,14 @@ def test_cps_loss_equals_numpy_oracle(cutmix: bool, padded: bool) -> None:
     batch = toy_batch(n_l=2, n_u=3, size=16)
     valid = np.ones((3, 16, 16), bool)
     if padded:
-        batch["unlabeled"]["valid"] = _padding_mask()
-        valid = batch["unlabeled"]["valid"][:, 0].numpy()
+        batch = with_valid(batch, _padding_mask())
+        valid = batch["unlabeled"].valid[:, 0].numpy()
     torch.manual_seed(5)
     out = method.training_step(models, batch, 0, 10)
 
     net1, net2 = models["model"], models["model2"]
-    x_l, y = _np(batch["labeled"]["image"]), batch["labeled"]["label"].numpy()
-    x_u = _np(batch["unlabeled"]["image"][:, 0])
+    x_l, y = _np(batch["labeled"].image), batch["labeled"].label.numpy()
+    x_u = _np(batch["unlabeled"].image[:, 0])
     sup1, sup2 = _ce(_linear(net1, x_l), y), _ce(_linear(net2, x_l), y)
     if cutmix:
         torch.manual_seed(5)
@@ -133,6 +135,9 @@ def test_cps_inference_first_or_probability_average() -> None:
     assert CPS(None, NUM_CLASSES).inference_model(models) is models["model"]
     avg = CPS({"inference": "average"}, NUM_CLASSES).inference_model(models)
     assert isinstance(avg, ProbAverage)
+    assert CPS(None, NUM_CLASSES).export_spec(models) == ExportSpec(("model",))
+    assert CPS({"inference": "average"}, NUM_CLASSES).export_spec(models) == ExportSpec(
+        ("model", "model2"), "prob_average")
     x = torch.randn(2, 3, 5, 5)
     with torch.no_grad():
         expected = (torch.softmax(models["model"](x)["logits"], 1)
@@ -172,8 +177,9 @@ def test_confident_ce_counts_all_pixels() -> None:
     target = torch.tensor([[[0, 0]]])
     conf = torch.tensor([[[0.99, 0.5]]])
     ce0 = float(-torch.log_softmax(torch.tensor([2.0, 0.0]), 0)[0])
-    assert float(confident_ce(logits, target, conf, 0.95)) == pytest.approx(ce0 / 2)
-    assert float(confident_ce(logits, target, conf, 1.0)) == 0.0
+    every = torch.ones_like(target, dtype=torch.bool)
+    assert float(confident_ce(logits, target, conf, 0.95, every)) == pytest.approx(ce0 / 2)
+    assert float(confident_ce(logits, target, conf, 1.0, every)) == 0.0
 
 
 def test_confident_ce_counts_only_valid_pixels() -> None:
@@ -184,7 +190,7 @@ def test_confident_ce_counts_only_valid_pixels() -> None:
     valid = torch.tensor([[[True, False, True]]])
     ce0 = float(-torch.log_softmax(torch.tensor([2.0, 0.0]), 0)[0])
     assert float(confident_ce(logits, target, conf, 0.95, valid)) == pytest.approx(ce0 / 2)
-    alone = confident_ce(logits[..., ::2], target[..., ::2], conf[..., ::2], 0.95)
+    alone = confident_ce(logits[..., ::2], target[..., ::2], conf[..., ::2], 0.95, valid[..., ::2])
     assert float(confident_ce(logits, target, conf, 0.95, valid)) == pytest.approx(float(alone))
     none = torch.zeros_like(valid)
     assert float(confident_ce(logits, target, conf, 0.0, none)) == 0.0  # no valid pixel: 0, not NaN
@@ -202,8 +208,8 @@ def test_unimatch_loss_equals_numpy_oracle(cutmix_p: float, padded: bool) -> Non
     batch = toy_batch(n_l=2, n_u=3, size=16, strong=2)
     valid = np.ones((3, 16, 16), bool)
     if padded:
-        batch["unlabeled"]["valid"] = _padding_mask()
-        valid = batch["unlabeled"]["valid"][:, 0].numpy()
+        batch = with_valid(batch, _padding_mask())
+        valid = batch["unlabeled"].valid[:, 0].numpy()
     torch.manual_seed(9)
     out = method.training_step(models, batch, 0, 10)
 
@@ -212,8 +218,8 @@ def test_unimatch_loss_equals_numpy_oracle(cutmix_p: float, padded: bool) -> Non
             return _np(F.interpolate(net(x)["logits"], size=(16, 16), mode="bilinear", align_corners=False))
 
     unl = batch["unlabeled"]
-    s1, s2 = unl["strong"][:, 0], unl["strong2"][:, 0]
-    pw = np.exp(_log_softmax(up(unl["image"][:, 0])))
+    s1, s2 = unl.strong[0][:, 0], unl.strong[1][:, 0]
+    pw = np.exp(_log_softmax(up(unl.image[:, 0])))
     conf, mask = pw.max(1), pw.argmax(1)
     conf1 = conf2 = conf
     mask1 = mask2 = mask
@@ -238,9 +244,9 @@ def test_unimatch_loss_equals_numpy_oracle(cutmix_p: float, padded: bool) -> Non
         nll = -np.take_along_axis(_log_softmax(logits), target[:, None], 1)[:, 0]
         return float((nll * (c >= 0.3))[v].sum() / v.sum())
 
-    sup = _ce(up(batch["labeled"]["image"]), batch["labeled"]["label"].numpy())
+    sup = _ce(up(batch["labeled"].image), batch["labeled"].label.numpy())
     l1, l2 = conf_ce(up(s1), mask1, conf1, valid1), conf_ce(up(s2), mask2, conf2, valid2)
-    lfp = conf_ce(up(unl["image"][:, 0]), mask, conf, valid)  # dropout 0: the fp stream is the clean one
+    lfp = conf_ce(up(unl.image[:, 0]), mask, conf, valid)  # dropout 0: the fp stream is the clean one
     expected = (sup + 0.25 * l1 + 0.25 * l2 + 0.5 * lfp) / 2
     assert float(out["loss_sup"]) == pytest.approx(sup, rel=1e-5)
     assert float(out["loss_fp"]) == pytest.approx(lfp, rel=1e-5)
@@ -249,31 +255,13 @@ def test_unimatch_loss_equals_numpy_oracle(cutmix_p: float, padded: bool) -> Non
     assert float(out["mask_ratio"]) == pytest.approx(float((conf >= 0.3)[valid].mean()), rel=1e-6)
 
 
-@pytest.mark.parametrize("name", ["cps", "unimatch"])
-def test_all_valid_mask_gives_exactly_the_previous_result(name: str) -> None:
-    outs = []
-    for with_mask in (False, True):
-        torch.manual_seed(0)
-        method: Method = CPS(None, NUM_CLASSES) if name == "cps" else UniMatch({"cutmix_p": 1.0}, NUM_CLASSES)
-        models = method.build_models(lambda: TinySegModel(rep=False))
-        models.train()
-        batch = toy_batch(n_l=2, n_u=3, size=16, strong=2)
-        if with_mask:
-            batch["unlabeled"]["valid"] = torch.ones(3, 1, 16, 16, dtype=torch.bool)
-        torch.manual_seed(5)
-        outs.append(method.training_step(models, batch, 0, 10))
-    assert outs[0].keys() == outs[1].keys()
-    for key in outs[0]:
-        assert torch.equal(outs[0][key], outs[1][key]), key
-
-
 def test_unimatch_needs_two_strong_views() -> None:
     method = UniMatch(None, NUM_CLASSES)
     spec = method.data_spec()
-    assert spec.unlabeled_strong and spec.unlabeled_strong_copies == 2
+    assert spec.get("unlabeled") == UnlabeledRequest(frames=1, strong_copies=2)
     assert method.cfg.conf_thresh == 0.95
     models = method.build_models(lambda: TinySegModel(rep=False))
-    with pytest.raises(ConfigError, match="strong2"):
+    with pytest.raises(ConfigError, match="two strong copies"):
         method.training_step(models, toy_batch(strong=1), 0, 10)
 
 
@@ -288,16 +276,18 @@ def test_unlabeled_clips_give_independent_strong_copies(tmp_path: Path) -> None:
     vs = load_folder(tmp_path)
     aug = ClipAugment((16, 16), base_size=None)
     refs = [FrameRef("v", i) for i in range(3)]
-    one = UnlabeledClips(vs, refs, aug, num_frames=2, strong=True)[(1, 42)]
-    two = UnlabeledClips(vs, refs, aug, num_frames=2, strong=True, strong_copies=2)[(1, 42)]
-    assert "strong2" not in one and two["strong2"].shape == two["strong"].shape == (2, 3, 16, 16)
-    for key in ("image", "strong", "offset"):  # existing outputs unchanged
-        assert torch.equal(one[key], two[key])
-    assert not torch.equal(two["strong"], two["strong2"])
+    one = UnlabeledClips(vs, refs, aug, num_frames=2, strong_copies=1)[(1, 42)]
+    two = UnlabeledClips(vs, refs, aug, num_frames=2, strong_copies=2)[(1, 42)]
+    assert len(one.strong) == 1 and len(two.strong) == 2
+    assert two.strong[1].shape == two.strong[0].shape == (2, 3, 16, 16)
+    for key in ("image", "offset", "valid"):  # existing outputs unchanged
+        assert torch.equal(getattr(one, key), getattr(two, key))
+    assert torch.equal(one.strong[0], two.strong[0])
+    assert not torch.equal(two.strong[0], two.strong[1])
     with pytest.raises(ConfigError, match="strong_copies"):
-        UnlabeledClips(vs, refs, aug, strong=True, strong_copies=0)
-    with pytest.raises(ConfigError, match="unlabeled_strong_copies"):
-        DataSpec(unlabeled_strong_copies=0)
+        UnlabeledClips(vs, refs, aug, strong_copies=-1)
+    with pytest.raises(ConfigError, match="strong_copies"):
+        DataSpec.of(UnlabeledRequest(strong_copies=-1))
 
 
 # ------------------------------------------------------------------ engine integration
@@ -441,7 +431,7 @@ def test_cps_average_is_reloaded_from_checkpoint_and_export(tmp_path: Path) -> N
     assert res.exit_code == 0, res.output
 
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
-    assert ckpt["meta"]["inference_model"] == ["model", "model2"]
+    assert ckpt["meta"]["export"] == {"members": ["model", "model2"], "combine": "prob_average"}
     nets = []
     for name in ("model", "model2"):
         net = build_model(ModelConfig(backbone="mobilenet_v2", pretrained=None), 8)
@@ -454,3 +444,26 @@ def test_cps_average_is_reloaded_from_checkpoint_and_export(tmp_path: Path) -> N
             model, meta = load_trained_model(path)
             assert isinstance(model, ProbAverage) and len(model.nets) == 2
             torch.testing.assert_close(torch.softmax(model(x)["logits"], 1), expect)
+
+    # files written before meta["export"]: meta["inference_model"] (a list -> the average of
+    # those networks, a name -> that network), safetensors holding ``nets.<k>.`` keys
+    from safetensors.torch import load_file, save_file
+
+    from semivss.engine.checkpoint import save_checkpoint
+
+    def legacy(meta: dict, names: list[str] | str) -> dict:
+        return {**{k: v for k, v in meta.items() if k != "export"}, "inference_model": names}
+
+    save_checkpoint(tmp_path / "old_avg.pt", {**ckpt, "meta": legacy(ckpt["meta"], ["model", "model2"])})
+    save_checkpoint(tmp_path / "old_one.pt", {**ckpt, "meta": legacy(ckpt["meta"], "model2")})
+    tensors = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert any(k.startswith("nets.0.") for k in tensors) and any(k.startswith("nets.1.") for k in tensors)
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={
+        "format": "pt", "semivss_meta": json.dumps(legacy(ckpt["meta"], ["model", "model2"]))})
+    with torch.no_grad():
+        for path in (tmp_path / "old_avg.pt", tmp_path / "old.safetensors"):
+            model, _ = load_trained_model(path)
+            assert isinstance(model, ProbAverage) and len(model.nets) == 2
+            torch.testing.assert_close(torch.softmax(model(x)["logits"], 1), expect)
+        model, _ = load_trained_model(tmp_path / "old_one.pt")
+        torch.testing.assert_close(model(x)["logits"], nets[1](x)["logits"])

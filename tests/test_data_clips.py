@@ -27,7 +27,11 @@ from semivss.data import (
     pick_neighbours,
     to_tensor,
 )
+from semivss.data.batch import LabeledBatch, UnlabeledBatch
+from semivss.engine.trainer import collate_any
 from semivss.errors import DataError
+
+_FIELDS_L = ("image", "label", "valid", "context", "context_offset", "context_strong")
 
 # class colours far apart: the nearest palette colour of a pixel recovers its class
 PAL = np.array([[230, 20, 20], [20, 230, 20], [20, 20, 230], [230, 230, 20]], np.uint8)
@@ -188,26 +192,27 @@ def test_labeled_clips_context_geometry_and_reproducibility(tmp_path: Path) -> N
     refs = [FrameRef("v", 2), FrameRef("single", 0)]
     ds = LabeledClips(vs, refs, aug, context_frames=3, context_offsets=(-2, 2), context_strong=True)
     s = ds[(0, 7)]
-    assert s["image"].shape == (3, 32, 32) and s["label"].shape == (32, 32) and s["label"].dtype == torch.int64
-    assert s["context"].shape == (3, 3, 32, 32) and s["context_strong"].shape == (3, 3, 32, 32)
-    offs = s["context_offset"].tolist()
+    assert s.image.shape == (3, 32, 32) and s.label.shape == (32, 32) and s.label.dtype == torch.int64
+    assert s.context.shape == (3, 3, 32, 32) and s.context_strong.shape == (3, 3, 32, 32)
+    offs = s.context_offset.tolist()
     assert len(set(offs)) == 3 and all(1 <= abs(o) <= 2 for o in offs)
     for k in range(3):  # every frame is the same picture: same geometry gives identical tensors
-        assert torch.equal(s["context"][k], s["image"])
-    assert not torch.equal(s["context_strong"], s["context"])
-    img = denormalize(s["image"])
-    lab = s["label"].numpy()
+        assert torch.equal(s.context[k], s.image)
+    assert not torch.equal(s.context_strong, s.context)
+    img = denormalize(s.image)
+    lab = s.label.numpy()
     valid = lab != 255
     assert (_decode(img)[valid] == lab[valid]).mean() > 0.9
     s2 = ds[(0, 7)]
-    assert all(torch.equal(s[k], s2[k]) for k in s)
+    assert all(torch.equal(getattr(s, k), getattr(s2, k)) for k in _FIELDS_L)
     s3 = ds[(0, 8)]
-    assert not torch.equal(s["image"], s3["image"]) or s["context_offset"].tolist() != s3["context_offset"].tolist()
+    assert not torch.equal(s.image, s3.image) or s.context_offset.tolist() != s3.context_offset.tolist()
     single = ds[(1, 0)]
-    assert single["context_offset"].tolist() == [0, 0, 0]
-    assert ds[1]["image"].shape == (3, 32, 32)  # plain int index
-    plain = LabeledClips(vs, refs, aug)
-    assert set(plain[(0, 1)]) == {"image", "label", "valid"}
+    assert single.context_offset.tolist() == [0, 0, 0]
+    assert ds[1].image.shape == (3, 32, 32)  # plain int index
+    plain = LabeledClips(vs, refs, aug)[(0, 1)]
+    assert isinstance(plain, LabeledBatch)
+    assert plain.context is None and plain.context_offset is None and plain.context_strong is None
 
 
 def test_labels_of_context_and_unlabeled_frames_are_never_read(tmp_path: Path) -> None:
@@ -217,11 +222,12 @@ def test_labels_of_context_and_unlabeled_frames_are_never_read(tmp_path: Path) -
     vs = load_folder(root)
     aug = ClipAugment((16, 16), base_size=None)
     LabeledClips(vs, [FrameRef("v", 2)], aug, context_frames=3)[(0, 0)]
-    u = UnlabeledClips(vs, [FrameRef("v", i) for i in range(4)], aug, num_frames=3, offsets=(-1, 1), strong=True)
+    u = UnlabeledClips(vs, [FrameRef("v", i) for i in range(4)], aug, num_frames=3, offsets=(-1, 1),
+                       strong_copies=1)
     b = u[(0, 5)]
-    assert b["image"].shape == (3, 3, 16, 16) and b["strong"].shape == (3, 3, 16, 16)
-    assert b["offset"][0] == 0 and sorted(b["offset"].tolist()) == [0, 1, 1]  # pos 0 has one neighbour
-    mid = u[(2, 5)]["offset"].tolist()
+    assert b.image.shape == (3, 3, 16, 16) and len(b.strong) == 1 and b.strong[0].shape == (3, 3, 16, 16)
+    assert b.offset[0] == 0 and sorted(b.offset.tolist()) == [0, 1, 1]  # pos 0 has one neighbour
+    mid = u[(2, 5)].offset.tolist()
     assert mid[0] == 0 and sorted(mid[1:]) == [-1, 1]  # distinct when possible
     with pytest.raises(DataError, match="000001.png"):
         LabeledClips(vs, [FrameRef("v", 1)], aug)[(0, 0)]
@@ -266,18 +272,20 @@ def test_dataloader_batch_matches_contract(tmp_path: Path) -> None:
     vs = load_folder(_write_folder(tmp_path, {"v": 5}))
     aug = ClipAugment((16, 24), base_size=(24, 32))
     lab = LabeledClips(vs, vs.frames()[:2], aug, context_frames=2, context_strong=True)
-    unl = UnlabeledClips(vs, vs.frames()[2:], aug, num_frames=2, strong=True)
-    kw = dict(batch_size=2, collate_fn=collate, num_workers=0)
+    unl = UnlabeledClips(vs, vs.frames()[2:], aug, num_frames=2, strong_copies=1)
     pairs = [(1, 11), (0, 12)]  # (index, sample_seed) as the engine's sampler yields them
-    b1 = next(iter(DataLoader(lab, sampler=pairs, **kw)))  # type: ignore[arg-type]
-    b2 = next(iter(DataLoader(unl, sampler=pairs, **kw)))  # type: ignore[arg-type]
-    assert b1["image"].shape == (2, 3, 16, 24) and b1["label"].shape == (2, 16, 24)
-    assert b1["context"].shape == b1["context_strong"].shape == (2, 2, 3, 16, 24)
-    assert b1["context_offset"].shape == (2, 2) and b1["context_offset"].dtype == torch.int64
-    assert b2["image"].shape == b2["strong"].shape == (2, 2, 3, 16, 24) and b2["offset"].shape == (2, 2)
-    again = next(iter(DataLoader(lab, sampler=pairs, **kw)))  # type: ignore[arg-type]
-    assert all(torch.equal(b1[k], again[k]) for k in b1)
-    assert torch.equal(b1["image"][1], lab[(0, 12)]["image"])
+    kw = dict(sampler=pairs, batch_size=2, num_workers=0)
+    b1 = next(iter(DataLoader(lab, collate_fn=LabeledBatch.collate, **kw)))  # type: ignore[arg-type]
+    b2 = next(iter(DataLoader(unl, collate_fn=collate_any, **kw)))  # type: ignore[arg-type]
+    assert isinstance(b1, LabeledBatch) and isinstance(b2, UnlabeledBatch)
+    assert b1.image.shape == (2, 3, 16, 24) and b1.label.shape == (2, 16, 24)
+    assert b1.context.shape == b1.context_strong.shape == (2, 2, 3, 16, 24)
+    assert b1.context_offset.shape == (2, 2) and b1.context_offset.dtype == torch.int64
+    assert len(b2.strong) == 1 and b2.image.shape == b2.strong[0].shape == (2, 2, 3, 16, 24)
+    assert b2.offset.shape == (2, 2) and b2.valid.shape == (2, 2, 16, 24)
+    again = next(iter(DataLoader(lab, collate_fn=collate_any, **kw)))  # type: ignore[arg-type]
+    assert all(torch.equal(getattr(b1, k), getattr(again, k)) for k in _FIELDS_L)
+    assert torch.equal(b1.image[1], lab[(0, 12)].image)
 
 
 # ------------------------------------------------------------------ padding mask of unlabeled clips
@@ -298,14 +306,14 @@ def _coord_folder(root: Path, h: int, w: int, n: int = 2) -> Path:
 def test_unlabeled_valid_is_true_exactly_on_the_frame_pixels(tmp_path: Path) -> None:
     vs = load_folder(_coord_folder(tmp_path, 20, 24))  # smaller than the crop: always padded
     aug = ClipAugment((32, 40), base_size=None, scale_range=(1.0, 1.0))
-    ds = UnlabeledClips(vs, vs.frames(), aug, num_frames=2, strong=True)
+    ds = UnlabeledClips(vs, vs.frames(), aug, num_frames=2, strong_copies=1)
     flips = set()
     for seed in range(8):
         s = ds[(0, seed)]
-        valid = s["valid"]
+        valid = s.valid
         assert valid.dtype == torch.bool and valid.shape == (2, 32, 40)
         assert torch.equal(valid[0], valid[1])  # one geometry per clip
-        img = denormalize(s["image"][0])
+        img = denormalize(s.image[0])
         np.testing.assert_array_equal(valid[0].numpy(), img[:, :, 2] == 255)
         assert not (img[~valid[0].numpy()] != FILL).any()  # padding is the fill colour
         ys, xs = np.nonzero(valid[0].numpy())
@@ -326,8 +334,8 @@ def test_unlabeled_valid_follows_down_scaling_and_random_crops(tmp_path: Path) -
     starts, flips = set(), set()
     for seed in range(8):
         s = ds[(1, seed)]
-        valid = s["valid"][0].numpy()
-        img = denormalize(s["image"][0])
+        valid = s.valid[0].numpy()
+        img = denormalize(s.image[0])
         np.testing.assert_array_equal(valid, img[:, :, 2] == 255)  # bilinear keeps B = 255 inside
         assert valid[:, 5:35].all() and not valid[:, :5].any() and not valid[:, 35:].any()
         r = img[:, 20, 0].astype(int)  # row coordinate: ~8 per output row after the 0.5 rescale
@@ -343,7 +351,7 @@ def test_adding_the_valid_mask_leaves_images_and_draws_unchanged(tmp_path: Path)
     """Oracle: the previous code path (no mask through the augmentation) with the same draws."""
     vs = load_folder(_write_folder(tmp_path, {"v": 5, "w": 3}))
     aug = ClipAugment((40, 56), base_size=(48, 64), scale_range=(0.5, 2.0))
-    ds = UnlabeledClips(vs, vs.frames(), aug, num_frames=3, offsets=(-2, 2), strong=True, strong_copies=2)
+    ds = UnlabeledClips(vs, vs.frames(), aug, num_frames=3, offsets=(-2, 2), strong_copies=2)
     strong = StrongPhotometric()
     padded = 0
     for idx, seed in [(0, 0), (1, 12345), (4, 0), (6, 7), (7, 3), (2, 99)]:
@@ -355,12 +363,13 @@ def test_adding_the_valid_mask_leaves_images_and_draws_unchanged(tmp_path: Path)
         others = pick_neighbours(rng, len(video), pos, 2, (-2, 2))
         images = [vs.read_image(video.frames[q]) for q in [pos, *others]]
         imgs, _ = aug(images, [None] * 3, int(rng.integers(2**32)))
-        assert torch.equal(s["image"], torch.stack([to_tensor(im) for im in imgs]))
-        assert s["offset"].tolist() == [0] + [q - pos for q in others]
-        for key in ("strong", "strong2"):
+        assert torch.equal(s.image, torch.stack([to_tensor(im) for im in imgs]))
+        assert s.offset.tolist() == [0] + [q - pos for q in others]
+        assert len(s.strong) == 2
+        for k in range(2):
             expect = torch.stack([to_tensor(strong(im, int(rng.integers(2**32)))) for im in imgs])
-            assert torch.equal(s[key], expect), key
-        padded += int((~s["valid"]).any())
+            assert torch.equal(s.strong[k], expect), k
+        padded += int((~s.valid).any())
     assert padded > 0  # some of these samples are down-scaled and padded
 
 
@@ -378,18 +387,18 @@ def test_labeled_valid_marks_padding_and_leaves_image_and_label_unchanged(tmp_pa
     padded = void_valid = 0
     for seed in range(8):
         s = ds[(0, seed)]
-        valid = s["valid"]
+        valid = s.valid
         assert valid.dtype == torch.bool and valid.shape == (32, 40)
-        img = denormalize(s["image"])
+        img = denormalize(s.image)
         np.testing.assert_array_equal(valid.numpy(), img[:, :, 2] == 255)
-        assert (s["label"][~valid] == 255).all()
-        void_valid += int((s["label"][valid] == 255).any())  # void pixels of the frame are valid
+        assert (s.label[~valid] == 255).all()
+        void_valid += int((s.label[valid] == 255).any())  # void pixels of the frame are valid
         padded += int((~valid).any())
         rng = np.random.default_rng(seed)  # oracle: the plain augmentation with the same draws
         ctx = pick_neighbours(rng, 2, 0, 1, (-1, 1))
         frames = [vs.video("v").frames[q] for q in [0, *ctx]]
         imgs, masks = aug([vs.read_image(f) for f in frames], [vs.read_label(frames[0]), None],
                           int(rng.integers(2**32)))
-        assert torch.equal(s["image"], to_tensor(imgs[0])) and torch.equal(s["context"][0], to_tensor(imgs[1]))
-        np.testing.assert_array_equal(s["label"].numpy(), masks[0])
+        assert torch.equal(s.image, to_tensor(imgs[0])) and torch.equal(s.context[0], to_tensor(imgs[1]))
+        np.testing.assert_array_equal(s.label.numpy(), masks[0])
     assert 0 < padded < 8 and void_valid > 0  # scales below 5/3 are padded, larger ones are not

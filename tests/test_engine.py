@@ -33,6 +33,7 @@ from semivss.engine.logger import CSVLog
 from semivss.engine.precision import Precision, cpu_has_native_bf16, images_channels_last
 from semivss.errors import ConfigError, DataError, TrainingError
 from semivss.methods import Supervised
+from semivss.methods.base import ExportSpec
 
 
 def make_model() -> nn.Module:
@@ -95,7 +96,8 @@ def test_training_lowers_loss_and_beats_chance(tmp_path: Path) -> None:
     # outputs: checkpoints, best, tensorboard, safetensors export of the inference model
     last = load_checkpoint(out / "checkpoints" / "last.pt")
     assert last["step"] == 80
-    assert last["meta"] == {"classes": ["a", "b", "c", "d"], "inference_model": "model"}
+    assert last["meta"] == {"classes": ["a", "b", "c", "d"],
+                            "export": {"members": ["model"], "combine": "single"}}
     best = load_checkpoint(out / "checkpoints" / "best.pt")
     assert best["best"]["value"] == pytest.approx(max(float(r["val/acc"]) for r in rows if r["val/acc"]))
     # best.pt holds weights for evaluation, not the training state (resume reads last.pt)
@@ -319,13 +321,20 @@ def test_trainer_rejects_bad_inputs(tmp_path: Path) -> None:
         Trainer(sup, make_model, {"labeled": ToyRegions(4)}, {"labeled": 2}, **kw,
                 meta={"root": object()})
 
+    class ExportsGhost(Supervised):
+        def export_spec(self, models: nn.ModuleDict) -> ExportSpec:
+            return ExportSpec(("ghost",))
+
+    with pytest.raises(ConfigError, match=r"exports models \['ghost'\]"):
+        make_trainer(tmp_path / "ghost", ExportsGhost(None, NUM_CLASSES), iters=1).fit()
+
 
 # (8) bf16 autocast + channels_last on CPU -----------------------------------------------------
 class Probe(Supervised):
     seen: list = []
 
     def training_step(self, models, batch, step, max_steps):
-        image = batch["labeled"]["image"]
+        image = batch["labeled"].image
         conv = models["model"].backbone[0].weight
         out = models["model"](image)
         self.seen.append(
@@ -343,6 +352,8 @@ def test_bf16_channels_last_path_on_cpu(tmp_path: Path) -> None:
     assert auto.dtype == (torch.bfloat16 if cpu_has_native_bf16() else None)
     x = images_channels_last({"image": torch.zeros(2, 3, 4, 4), "label": torch.zeros(2, 4, 4)})
     assert x["image"].is_contiguous(memory_format=torch.channels_last)
+    typed = images_channels_last(ToyRegions(2, size=16)[(0, 0)].map_tensors(lambda t: t[None]))
+    assert typed.image.is_contiguous(memory_format=torch.channels_last) and typed.label.shape == (1, 16, 16)
     probe = Probe(None, NUM_CLASSES)
     make_trainer(tmp_path / "bf16", probe, iters=2, precision="bf16", channels_last=True).fit()
     assert probe.seen == [(True, True, torch.bfloat16)] * 2

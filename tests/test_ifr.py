@@ -1,10 +1,11 @@
-"""Tests of the IFR method (SPEC 2.2): prototypes, reconstruction, the loss of a term by hand,
+"""Tests of the IFR method (docs/methods.md#3-ifr): prototypes, reconstruction, the loss of a term by hand,
 per-sample independence, gradient paths, ramp, config / data spec, joint vs separate forward,
 frame sharing, DDP wrapping and a short engine run on a synthetic set."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from semivss.data.batch import LabeledBatch, UnlabeledBatch
+from semivss.data.requests import LabeledRequest, UnlabeledRequest
 from semivss.errors import ConfigError
 from semivss.methods.base import DataSpec
 from semivss.methods.ifr import IFR, class_prototypes, ramp, reconstruct
@@ -22,8 +25,12 @@ E2 = math.exp(2.0)  # cosine 1 vs 0 at temperature 0.5 -> attention e^2 : e^0
 
 def spec(ctx: int, ctx_off: tuple[int, int], ctx_strong: bool, unl: int, unl_off: tuple[int, int],
          unl_strong: bool) -> DataSpec:
-    return DataSpec(context_frames=ctx, context_offsets=ctx_off, context_strong=ctx_strong,
-                    unlabeled_frames=unl, unlabeled_offsets=unl_off, unlabeled_strong=unl_strong)
+    """The DataSpec of ``ctx`` context frames and ``unl`` unlabeled frames (none: no request)."""
+    labeled = LabeledRequest(context_frames=ctx, context_offsets=ctx_off, context_strong=ctx_strong)
+    if unl == 0:
+        return DataSpec.of(labeled)
+    return DataSpec.of(labeled, UnlabeledRequest(frames=unl, offsets=unl_off,
+                                                 strong_copies=1 if unl_strong else 0))
 
 
 class IdentitySeg(nn.Module):
@@ -87,19 +94,17 @@ def random_batch(
 ) -> dict:
     """Random labeled clips (``k`` context frames) and ``u`` unlabeled pairs; row 0 ignored."""
     g = torch.Generator().manual_seed(seed)
-    lab = {
-        "image": torch.randn(b, 3, h, w, generator=g),
-        "label": torch.randint(0, c, (b, h, w), generator=g),
-        "context": torch.randn(b, k, 3, h, w, generator=g),
-        "context_strong": torch.randn(b, k, 3, h, w, generator=g),
-        "context_offset": torch.ones(b, k, dtype=torch.int64),
-    }
-    lab["label"][:, 0] = 255
-    unl = {
-        "image": torch.randn(u, 2, 3, h, w, generator=g),
-        "strong": torch.randn(u, 2, 3, h, w, generator=g),
-        "offset": torch.tensor([[0, 3]] * u),
-    }
+    image = torch.randn(b, 3, h, w, generator=g)
+    label = torch.randint(0, c, (b, h, w), generator=g)
+    context = torch.randn(b, k, 3, h, w, generator=g)
+    context_strong = torch.randn(b, k, 3, h, w, generator=g)
+    label[:, 0] = 255
+    lab = LabeledBatch(image, label, torch.ones(b, h, w, dtype=torch.bool), context,
+                       torch.ones(b, k, dtype=torch.int64), context_strong)
+    u_image = torch.randn(u, 2, 3, h, w, generator=g)
+    u_strong = torch.randn(u, 2, 3, h, w, generator=g)
+    unl = UnlabeledBatch(u_image, torch.tensor([[0, 3]] * u, dtype=torch.int64).reshape(u, 2),
+                         torch.ones(u, 2, h, w, dtype=torch.bool), [u_strong])
     return {"labeled": lab, "unlabeled": unl}
 
 
@@ -236,13 +241,14 @@ def test_labeled_terms_equal_hand_computation() -> None:
     method = IFR({"use_unlabeled": False, "use_unlabeled_strong": False, "ramp_iters": 4000},
                  num_classes=2)
     assert method.data_spec() == spec(1, (-19, 10), True, 0, (-29, 29), False)
-    batch = {"labeled": {
-        "image": image([(1, 0), (0, 1), (1, 0)])[None],
-        "label": torch.tensor([[[0, 1, 255]]]),
-        "context": image([(0.03, 0), (0, 0.02), (0, 0.02)])[None, None],
-        "context_strong": image([(0, 0.03), (0.02, 0), (0, 0.04)])[None, None],
-        "context_offset": torch.tensor([[5]]),
-    }}
+    batch = {"labeled": LabeledBatch(
+        image=image([(1, 0), (0, 1), (1, 0)])[None],
+        label=torch.tensor([[[0, 1, 255]]]),
+        valid=torch.ones(1, 1, 3, dtype=torch.bool),
+        context=image([(0.03, 0), (0, 0.02), (0, 0.02)])[None, None],
+        context_offset=torch.tensor([[5]]),
+        context_strong=image([(0, 0.03), (0.02, 0), (0, 0.04)])[None, None],
+    )}
     models = nn.ModuleDict({"model": IdentitySeg()})
     out = method.training_step(models, batch, step=2000, max_steps=10)
     w = E2 / (1 + E2)
@@ -283,8 +289,8 @@ def test_full_loss_combines_four_terms_and_pseudo_label_at_image_resolution() ->
     # group (BN in train mode sees each group alone, as the official code); pseudo-label = argmax
     # of u0's logits upsampled to the image size (16x16, not the 8x8 feature map)
     lab, unl = batch["labeled"], batch["unlabeled"]
-    xs = [lab["image"], lab["context"][:, 0], lab["context_strong"][:, 0],
-          unl["image"][:, 0], unl["image"][:, 1], unl["strong"][:, 1]]
+    xs = [lab.image, lab.context[:, 0], lab.context_strong[:, 0],
+          unl.image[:, 0], unl.image[:, 1], unl.strong[0][:, 1]]
     torch.manual_seed(0)
     ref_model = TwoLayer()
     outs = [ref_model(x) for x in xs]
@@ -300,8 +306,8 @@ def test_full_loss_combines_four_terms_and_pseudo_label_at_image_resolution() ->
         return F.cross_entropy(logits, y, ignore_index=255)
 
     expect = {
-        "labeled": term(feat[0], feat[1], groups[1], lab["label"]),
-        "labeled_strong": term(feat[0], feat[2], groups[1], lab["label"]),
+        "labeled": term(feat[0], feat[1], groups[1], lab.label),
+        "labeled_strong": term(feat[0], feat[2], groups[1], lab.label),
         "unlabeled": term(feat[3], feat[4], groups[4], pseudo),
         "unlabeled_strong": term(feat[3], feat[5], groups[4], pseudo),
     }
@@ -314,15 +320,16 @@ def test_gradient_paths_in_training_step() -> None:
     term 2 to the distorted source only: its grouping comes from the undistorted source's argmax."""
     method = IFR({"use_unlabeled": False, "use_unlabeled_strong": False}, num_classes=2)
     g = torch.Generator().manual_seed(3)
-    lab = {
-        "image": torch.randn(2, 3, 3, 4, generator=g).requires_grad_(),
-        "label": torch.randint(0, 2, (2, 3, 4), generator=g),
-        "context": torch.randn(2, 1, 3, 3, 4, generator=g).requires_grad_(),
-        "context_strong": torch.randn(2, 1, 3, 3, 4, generator=g).requires_grad_(),
-    }
+    lab = LabeledBatch(
+        image=torch.randn(2, 3, 3, 4, generator=g).requires_grad_(),
+        label=torch.randint(0, 2, (2, 3, 4), generator=g),
+        valid=torch.ones(2, 3, 4, dtype=torch.bool),
+        context=torch.randn(2, 1, 3, 3, 4, generator=g).requires_grad_(),
+        context_strong=torch.randn(2, 1, 3, 3, 4, generator=g).requires_grad_(),
+    )
     models = nn.ModuleDict({"model": IdentitySeg()})
     out = method.training_step(models, {"labeled": lab}, 0, 1)
-    inputs = [lab["image"], lab["context"], lab["context_strong"]]
+    inputs = [lab.image, lab.context, lab.context_strong]
     grads = torch.autograd.grad(out["loss_rec_labeled"], inputs, allow_unused=True,
                                 retain_graph=True)
     assert grads[0].abs().sum() > 0 and grads[1].abs().sum() > 0
@@ -418,9 +425,14 @@ def test_share_frames_uses_source_frame_as_u1() -> None:
     assert shared.data_spec() == spec(2, (-19, 10), True, 0, (-29, 29), False)
     out = shared.training_step(nn.ModuleDict({"model": model}), {"labeled": lab}, 10, 100)
     # the same as the default method fed an unlabeled pair (u0 = 2nd context frame, u1 = source)
-    unl = {"image": torch.stack([lab["context"][:, 1], lab["context"][:, 0]], 1),
-           "strong": torch.stack([lab["context"][:, 1], lab["context_strong"][:, 0]], 1)}
-    lab1 = {**lab, "context": lab["context"][:, :1], "context_strong": lab["context_strong"][:, :1]}
+    unl = UnlabeledBatch(
+        image=torch.stack([lab.context[:, 1], lab.context[:, 0]], 1),
+        offset=torch.zeros(2, 2, dtype=torch.int64),
+        valid=torch.ones(2, 2, 16, 16, dtype=torch.bool),
+        strong=[torch.stack([lab.context[:, 1], lab.context_strong[:, 0]], 1)],
+    )
+    lab1 = dataclasses.replace(lab, context=lab.context[:, :1], context_offset=lab.context_offset[:, :1],
+                               context_strong=lab.context_strong[:, :1])
     ref = IFR(None, 4).training_step(
         nn.ModuleDict({"model": model}), {"labeled": lab1, "unlabeled": unl}, 10, 100
     )
@@ -437,7 +449,8 @@ def test_config_switches_data_spec_and_errors() -> None:
     assert m.data_spec() == spec(1, (-19, 10), False, 2, (-2, 2), False)
     # disabled terms are neither computed nor fed
     batch = random_batch(2, 2, c=3)
-    del batch["unlabeled"]["strong"], batch["labeled"]["context_strong"]
+    batch = {"labeled": dataclasses.replace(batch["labeled"], context_strong=None),
+             "unlabeled": dataclasses.replace(batch["unlabeled"], strong=[])}
     torch.manual_seed(0)
     out = m.training_step(nn.ModuleDict({"model": TwoLayer(3)}), batch, 0, 1)
     assert set(out) == {"loss", "loss_sup", "loss_rec", "ramp", "loss_rec_labeled",
@@ -495,11 +508,13 @@ def test_engine_run_on_synthetic_set_lowers_loss(tmp_path: Path) -> None:
                  videos.num_classes)
     ds = method.data_spec()
     augment = ClipAugment((32, 32), (32, 48), (1.0, 1.25), hflip=True)
+    lr, ur = ds.get("labeled"), ds.get("unlabeled")
+    assert isinstance(lr, LabeledRequest) and isinstance(ur, UnlabeledRequest)
     sets = {
-        "labeled": LabeledClips(videos, split.labeled, augment, ds.context_frames,
-                                ds.context_offsets, ds.context_strong),
-        "unlabeled": UnlabeledClips(videos, split.unlabeled, augment, ds.unlabeled_frames,
-                                    ds.unlabeled_offsets, ds.unlabeled_strong),
+        "labeled": LabeledClips(videos, split.labeled, augment, lr.context_frames,
+                                lr.context_offsets, lr.context_strong),
+        "unlabeled": UnlabeledClips(videos, split.unlabeled, augment, ur.frames,
+                                    ur.offsets, ur.strong_copies),
     }
     trainer = Trainer(
         method, lambda: TwoLayer(videos.num_classes, 16), sets, {"labeled": 2, "unlabeled": 2},
@@ -543,25 +558,22 @@ def test_ifr_step_on_a_segformer_model() -> None:
 
 
 def test_unlabeled_padding_gets_no_pseudo_label() -> None:
-    """Pixels of u0 outside the frame (crop padding, batch["unlabeled"]["valid"] False) are left
+    """Pixels of u0 outside the frame (crop padding, batch["unlabeled"].valid False) are left
     out of the unlabeled reconstruction terms: the loss equals the one with those pixels' pseudo-
-    labels ignored, and an all-valid mask changes nothing."""
+    labels ignored."""
     torch.manual_seed(0)
     model = TwoLayer().eval()
     models = nn.ModuleDict({"model": model})
     batch = random_batch(2, 2, seed=7)
     method = IFR({"use_labeled": False, "use_labeled_strong": False}, 4)
-    plain = method.training_step(models, batch, 10, 100)
+    plain = method.training_step(models, batch, 10, 100)  # all pixels valid
     valid = torch.ones(2, 2, 16, 16, dtype=torch.bool)
-    same = method.training_step(models, {**batch, "unlabeled": {**batch["unlabeled"],
-                                                                "valid": valid}}, 10, 100)
-    torch.testing.assert_close(same["loss"], plain["loss"])
     valid[:, :, :, 8:] = False  # right half is padding
-    padded = method.training_step(models, {**batch, "unlabeled": {**batch["unlabeled"],
-                                                                  "valid": valid}}, 10, 100)
+    padded = method.training_step(
+        models, {**batch, "unlabeled": dataclasses.replace(batch["unlabeled"], valid=valid)}, 10, 100)
     # oracle: the unlabeled term computed by hand with the right half ignored
-    u0 = batch["unlabeled"]["image"][:, 0]
-    o0, o1 = model(u0), model(batch["unlabeled"]["image"][:, 1])
+    u0 = batch["unlabeled"].image[:, 0]
+    o0, o1 = model(u0), model(batch["unlabeled"].image[:, 1])
     pseudo = F.interpolate(o0["logits"], size=(16, 16), mode="bilinear",
                            align_corners=False).argmax(1)
     pseudo[:, :, 8:] = 255

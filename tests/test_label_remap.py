@@ -1,4 +1,4 @@
-"""Label remapping by a lookup table (SPEC 2.5, PVUW 2024 section 3.1): LUT semantics (unmapped
+"""Label remapping by a lookup table (docs/methods.md#7-offline-teacher-student-self-training, PVUW 2024 section 3.1): LUT semantics (unmapped
 ids and 255 -> 255), YAML / JSON / CSV files, validation errors naming the file and the entry,
 and `data.label_map` applied to loaded video sets (composed with their raw-label LUT)."""
 

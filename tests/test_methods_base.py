@@ -10,8 +10,12 @@ from engine_toy import TinySeg
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from semivss.data.batch import LabeledBatch
+from semivss.data.requests import LabeledRequest
 from semivss.errors import ConfigError
 from semivss.methods import METHODS, DataSpec, Method, Supervised, build_method, seg_ce_loss
+from semivss.methods.base import ExportSpec
+from semivss.models.ensemble import build_inference_model
 
 
 class FixedLogits(nn.Module):
@@ -32,7 +36,7 @@ def test_supervised_loss_equals_hand_computed_ce() -> None:
     label = torch.tensor([[[0, 0, 255]]])
     method = build_method("supervised", {}, num_classes=2)
     models = nn.ModuleDict({"model": FixedLogits(logits)})
-    batch = {"labeled": {"image": torch.zeros(1, 3, 1, 3), "label": label}}
+    batch = {"labeled": LabeledBatch(torch.zeros(1, 3, 1, 3), label, torch.ones(1, 1, 3, dtype=torch.bool))}
     out = method.training_step(models, batch, step=0, max_steps=1)
     hand = (0.693147 + 0.287682) / 2
     assert out["loss"].item() == pytest.approx(hand, abs=1e-5)
@@ -93,15 +97,40 @@ def test_build_method_errors_name_the_key(monkeypatch) -> None:
 
 def test_base_hooks_defaults() -> None:
     method = Supervised(None, num_classes=4)
-    assert method.data_spec() == DataSpec(0, (-29, 29), False, 0, (-29, 29), False)
+    assert method.data_spec() == DataSpec.of(LabeledRequest(0, (-29, 29), False))
+    assert method.data_spec().keys == ("labeled",)
     models = method.build_models(TinySeg)
     assert list(models) == ["model"] and isinstance(models["model"], TinySeg)
     models["teacher"] = TinySeg().requires_grad_(False)
     assert method.trainable(models) == ["model"]
     assert method.inference_model(models) is models["model"]
+    assert method.export_spec(models) == ExportSpec(("model",), "single")
     method.on_step_end(models, 0)  # no-op
     assert method.state_dict() == {}
     with pytest.raises(ConfigError, match="context_offsets"):
-        DataSpec(context_offsets=(3, -3))
+        DataSpec.of(LabeledRequest(context_offsets=(3, -3)))
     with pytest.raises(NotImplementedError):
         Method(None, 2).training_step(models, {}, 0, 1)
+
+
+def test_export_spec_record_and_combine() -> None:
+    """``ExportSpec`` round-trips through ``meta["export"]``; files from before it carry
+    ``meta["inference_model"]`` (a name, or a list of names averaged) or nothing."""
+    spec = ExportSpec(("model", "model2"), "prob_average")
+    assert spec.to_meta() == {"members": ["model", "model2"], "combine": "prob_average"}
+    assert ExportSpec.from_meta({"export": spec.to_meta()}) == spec
+    assert ExportSpec.from_meta({}) == ExportSpec(("model",))
+    assert ExportSpec.from_meta({"inference_model": "teacher"}) == ExportSpec(("teacher",))
+    assert ExportSpec.from_meta({"inference_model": ["model", "model2"]}) == spec
+    assert ExportSpec("teacher") == ExportSpec(("teacher",))
+    for bad in ((), ("a", "b")):
+        with pytest.raises(ValueError):
+            ExportSpec(bad)
+    with pytest.raises(ValueError, match="combine"):
+        ExportSpec(("model",), "vote")
+    nets = [TinySeg(), TinySeg()]
+    assert build_inference_model(nets[:1], "single") is nets[0]
+    avg = build_inference_model(nets, "prob_average")
+    assert list(avg.state_dict()) == [f"nets.{i}.{k}" for i in (0, 1) for k in nets[0].state_dict()]
+    with pytest.raises(ValueError):
+        build_inference_model(nets, "single")

@@ -1,5 +1,5 @@
 """Metrics: confusion matrix vs the official Cityscapes evaluator, fwIoU and VC_n vs plain loop
-re-implementations of the VSPW definitions (SPEC section 3), and the offset analysis."""
+re-implementations of the VSPW definitions (docs/methods.md#9-metrics), and the offset analysis."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from semivss.metrics import (
 
 
 def oracle_scores(preds: list[np.ndarray], gts: list[np.ndarray], c: int) -> dict:
-    """Per-class loop over the pixels of every image (VSPW / SPEC section 3 definitions)."""
+    """Per-class loop over the pixels of every image (VSPW / docs/methods.md#9-metrics definitions)."""
     tp = np.zeros(c)
     fp = np.zeros(c)
     fn = np.zeros(c)
@@ -132,7 +132,7 @@ def test_confusion_absent_classes_and_miou_over_gt_classes() -> None:
     r = cm.compute()
     assert r["iou"][2] == 0.0
     assert math.isnan(r["iou"][3])
-    # mIoU averages classes present in the GT only (SPEC section 3): (1/2 + 1) / 2
+    # mIoU averages classes present in the GT only (docs/methods.md#9-metrics): (1/2 + 1) / 2
     assert r["mIoU"] == pytest.approx(0.75)
     assert math.isnan(r["class_acc"][2]) and math.isnan(r["class_acc"][3])
 

@@ -1,5 +1,5 @@
 """Reusable parts of the online pseudo-label methods: entropy split, EMA, CutMix, memory bank,
-U2PL contrastive loss (SPEC 2.3 / 2.4)."""
+U2PL contrastive loss (docs/methods.md#4-u2pl)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,6 @@ from semivss.methods.parts import (
     roll_permutation,
     u2pl_contrastive_loss,
     u2pl_negative_masks,
-    unlabeled_valid,
 )
 
 
@@ -104,8 +103,8 @@ def test_ema_decay_formula() -> None:
 
 
 def test_ema_update_matches_formula_and_keeps_the_teachers_buffers() -> None:
-    """Parameters follow t = d t + (1 - d) s; BatchNorm statistics stay the teacher's own (SPEC
-    2.3: EMA over parameters) unless copy_buffers makes the teacher a full copy."""
+    """Parameters follow t = d t + (1 - d) s; BatchNorm statistics stay the teacher's own
+    (docs/methods.md#43-ema-teacher: EMA over parameters) unless copy_buffers makes the teacher a full copy."""
     torch.manual_seed(0)
     student = _BNNet()
     teacher = make_teacher(student)
@@ -408,23 +407,10 @@ def test_contrastive_sampling_is_reproducible_with_a_generator() -> None:
 
 
 # ------------------------------------------------------------------ padding masks
-def test_unlabeled_valid_reads_one_frame_and_checks_the_shape() -> None:
-    image = torch.zeros(2, 3, 3, 4, 5)
-    assert unlabeled_valid({"image": image}) is None  # older batches: every pixel valid
-    valid = torch.zeros(2, 3, 4, 5, dtype=torch.uint8)
-    valid[:, 1, :2] = 1
-    got = unlabeled_valid({"image": image, "valid": valid}, frame=1)
-    assert got is not None and got.dtype == torch.bool and got.shape == (2, 4, 5)
-    assert int(got.sum()) == 2 * 2 * 5 and not bool(unlabeled_valid({"image": image, "valid": valid}).any())
-    with pytest.raises(ValueError, match=r"batch\['unlabeled'\]\['valid'\].*\(2, 3, 4, 5\)"):
-        unlabeled_valid({"image": image, "valid": torch.ones(2, 4, 5, dtype=torch.bool)})
-
-
 def test_ignore_invalid_sets_the_ignore_label() -> None:
     target = torch.tensor([[[0, 1], [2, 3]]])
     valid = torch.tensor([[[True, False], [False, True]]])
     assert ignore_invalid(target, valid).tolist() == [[[0, 255], [255, 3]]]
-    assert ignore_invalid(target, None) is target
     with pytest.raises(ValueError, match="does not match"):
         ignore_invalid(target, valid[:, :1])
 

@@ -1,4 +1,4 @@
-"""Offline pseudo-labelling (SPEC section 2.5, steps 2-3): entropy quantisation, the set's files and
+"""Offline pseudo-labelling (docs/methods.md#7-offline-teacher-student-self-training, steps 2-3): entropy quantisation, the set's files and
 manifest, refusing / resuming an output set without writing a frame twice, DDP sharding, and the
 `semivss pseudo-label` command end to end on a tiny synthetic dataset."""
 

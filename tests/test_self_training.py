@@ -1,4 +1,4 @@
-"""Offline self-training (SPEC 2.5 steps 3-4, PVUW 2024 Eq. 4-6): the pseudo-label set reader and
+"""Offline self-training (docs/methods.md#7-offline-teacher-student-self-training steps 3-4, PVUW 2024 Eq. 4-6): the pseudo-label set reader and
 dataset (alignment under augmentation, padding, manifest errors), the reliable / unreliable split,
 the losses against hand computations, negatives, wiring into build_train_sets, and a run through
 the real engine with exact resume of the memory bank."""
@@ -21,8 +21,10 @@ from PIL import Image
 from torch import Tensor, nn
 
 from semivss.config import parse_config
+from semivss.data.batch import LabeledBatch, PseudoBatch
 from semivss.data.formats import load_dataset
 from semivss.data.pseudo import PseudoLabeledFrames, read_pseudo_set
+from semivss.data.requests import PseudoRequest
 from semivss.data.splits import single_frame
 from semivss.data.synthetic import generate_synthetic
 from semivss.data.transforms import ClipAugment, denormalize
@@ -180,8 +182,8 @@ def tiny_batch(c: int, seed: int = 0, h: int = 4, w: int = 5, extra: int = 0) ->
     ent[~valid] = float("inf")
     x_l, x_p = torch.randn(2, 3 + extra, h, w, generator=g), torch.randn(2, 3 + extra, h, w, generator=g)
     return {
-        "labeled": {"image": x_l, "label": y_l},
-        "pseudo": {"image": x_p, "label": y_p, "entropy": ent, "valid": valid},
+        "labeled": LabeledBatch(x_l, y_l, torch.ones(2, h, w, dtype=torch.bool)),
+        "pseudo": PseudoBatch(x_p, y_p, ent, valid),
     }
 
 
@@ -193,18 +195,18 @@ def test_unsupervised_and_supervised_losses_equal_hand_computation() -> None:
     batch = tiny_batch(c)
     out = method.training_step(nn.ModuleDict({"model": model}), batch, 0, 10)
     with torch.no_grad():
-        logits_l = model(batch["labeled"]["image"])["logits"].numpy()
-        logits_p = model(batch["pseudo"]["image"])["logits"].numpy()
+        logits_l = model(batch["labeled"].image)["logits"].numpy()
+        logits_p = model(batch["pseudo"].image)["logits"].numpy()
     p = batch["pseudo"]
-    reliable = (p["valid"] & (p["entropy"] < 0.6)).numpy()
-    assert 0 < reliable.sum() < p["valid"].sum()
-    y_l = batch["labeled"]["label"].numpy()
+    reliable = (p.valid & (p.entropy < 0.6)).numpy()
+    assert 0 < reliable.sum() < p.valid.sum()
+    y_l = batch["labeled"].label.numpy()
     l_s = _ce_numpy(logits_l, y_l, y_l != 255)
-    l_u = _ce_numpy(logits_p, p["label"].numpy(), reliable)
+    l_u = _ce_numpy(logits_p, p.label.numpy(), reliable)
     assert float(out["loss_sup"]) == pytest.approx(l_s, rel=1e-5)
     assert float(out["loss_unsup"]) == pytest.approx(l_u, rel=1e-5)
     assert float(out["loss"].detach()) == pytest.approx(l_s + l_u, rel=1e-5)
-    assert float(out["reliable_ratio"]) == pytest.approx(reliable.sum() / p["valid"].sum().item())
+    assert float(out["reliable_ratio"]) == pytest.approx(reliable.sum() / p.valid.sum().item())
 
 
 def test_full_loss_is_the_weighted_sum_of_hand_composed_terms() -> None:
@@ -218,22 +220,22 @@ def test_full_loss_is_the_weighted_sum_of_hand_composed_terms() -> None:
 
     p = batch["pseudo"]
     with torch.no_grad():
-        x_all = torch.cat([batch["labeled"]["image"], p["image"]])
+        x_all = torch.cat([batch["labeled"].image, p.image])
         o = model(x_all)
-    y_l = batch["labeled"]["label"]
-    valid = p["valid"]
+    y_l = batch["labeled"].label
+    valid = p.valid
     n_valid = int(valid.sum())
     k_unrel = math.floor(0.4 * n_valid + 0.5)
-    thr = torch.sort(p["entropy"][valid]).values[n_valid - k_unrel - 1]
-    reliable = valid & (p["entropy"] <= thr)
+    thr = torch.sort(p.entropy[valid]).values[n_valid - k_unrel - 1]
+    reliable = valid & (p.entropy <= thr)
     unreliable = valid & ~reliable
     l_s = F.cross_entropy(o["logits"][:2], y_l, ignore_index=255)
-    l_u = F.cross_entropy(o["logits"][2:], p["label"].masked_fill(~reliable, 255), ignore_index=255)
+    l_u = F.cross_entropy(o["logits"][2:], p.label.masked_fill(~reliable, 255), ignore_index=255)
     torch.manual_seed(11)
     bank = ClassMemoryBank(c, None, method.cfg.memory_size)
     ones = torch.ones(2, 6, 6, dtype=torch.bool)
     l_c = u2pl_contrastive_loss(
-        o["rep"], o["rep"], torch.softmax(o["logits"], 1), torch.cat([y_l, p["label"]]),
+        o["rep"], o["rep"], torch.softmax(o["logits"], 1), torch.cat([y_l, p.label]),
         torch.cat([ones, reliable]), torch.cat([ones, unreliable]), torch.tensor([True, True, False, False]),
         bank, num_anchors=16, num_negatives=4, temperature=0.5, anchor_threshold=0.3, low_rank=3,
         high_rank=20, generator=step_generator(),
@@ -256,20 +258,20 @@ def test_negatives_of_a_class_never_hold_pixels_of_that_pseudo_label(mode: str) 
     p, lab = batch["pseudo"], batch["labeled"]
     # rep of a pixel = one-hot of its (pseudo-)label plus a unique id, so the bank tells which
     # pixels were pushed; a padded pixel keeps a real class in its image channels
-    for part, y in ((lab, lab["label"]), (p, p["label"])):
+    for part, y in ((lab, lab.label), (p, p.label)):
         onehot = F.one_hot(y.clamp(max=c - 1), c).permute(0, 3, 1, 2).float()
         onehot[(y == 255)[:, None].expand_as(onehot)] = 0.0
         ids = torch.arange(y.numel(), dtype=torch.float32).view(y.shape)[:, None] + (1000 if part is p else 0)
-        part["image"][:, 3:] = torch.cat([onehot, ids], 1)
-    p["label"][1, 0, -1] = 2  # padded (valid = False) pixel with a class id: still never used
+        part.image[:, 3:] = torch.cat([onehot, ids], 1)
+    p.label[1, 0, -1] = 2  # padded (valid = False) pixel with a class id: still never used
     model = Linear1x1(c, seed=2)
     torch.manual_seed(0)
     method.training_step(nn.ModuleDict({"model": model}), batch, 0, 10)
 
-    valid = p["valid"] & (p["label"] != 255)
-    unreliable = valid & ~(p["entropy"] < 0.5 * math.log(c))
+    valid = p.valid & (p.label != 255)
+    unreliable = valid & ~(p.entropy < 0.5 * math.log(c))
     with torch.no_grad():
-        ranks = class_ranks(torch.softmax(model(torch.cat([lab["image"], p["image"]]))["logits"], 1))
+        ranks = class_ranks(torch.softmax(model(torch.cat([lab.image, p.image]))["logits"], 1))
     total = 0
     for k in range(c):
         feats = method.bank.features(k)
@@ -277,11 +279,11 @@ def test_negatives_of_a_class_never_hold_pixels_of_that_pseudo_label(mode: str) 
         assert not (feats[:, k] > 0).any(), f"class {k} has a negative pseudo-labeled {k}"
         ids = set(feats[:, c].long().tolist())
         # oracle: exactly which pixels are negatives of class k
-        neg_p = unreliable & (p["label"] != k)
-        neg_l = torch.zeros_like(lab["label"], dtype=torch.bool)
+        neg_p = unreliable & (p.label != k)
+        neg_l = torch.zeros_like(lab.label, dtype=torch.bool)
         if mode == "rank":
             neg_p &= (ranks[2:, k] >= 3) & (ranks[2:, k] < 20)
-            neg_l = (lab["label"] != 255) & (lab["label"] != k) & (ranks[:2, k] < 3)
+            neg_l = (lab.label != 255) & (lab.label != k) & (ranks[:2, k] < 3)
         want = {int(i) + 1000 for i in torch.nonzero(neg_p.flatten()).flatten()}
         want |= {int(i) for i in torch.nonzero(neg_l.flatten()).flatten()}
         assert ids == want
@@ -298,7 +300,8 @@ def test_config_errors_name_the_key() -> None:
         SelfTraining(None, 3)
     assert METHODS["self_training"] is SelfTraining
     spec = SelfTraining({"strong": True}, 8).data_spec()
-    assert spec.pseudo_labeled and spec.pseudo_strong and spec.unlabeled_frames == 0
+    assert spec.get("pseudo") == PseudoRequest(strong=True) and spec.get("unlabeled") is None
+    assert spec.keys == ("labeled", "pseudo")
     with pytest.raises(ConfigError, match="data.pseudo_labels"):
         SelfTraining(None, 8).training_step(nn.ModuleDict({"model": Linear1x1(8)}),
                                             {"labeled": tiny_batch(8)["labeled"]}, 0, 1)
@@ -318,12 +321,12 @@ def test_pseudo_sample_keeps_image_label_entropy_aligned(tmp_path: Path, scale: 
     flips = set()
     for seed in range(8):
         s = ds[(seed % 2, seed)]
-        assert s["image"].shape == (3, *crop) and s["strong"].shape == (3, *crop)
-        assert s["label"].dtype == torch.int64 and s["entropy"].dtype == torch.float32
-        assert s["valid"].dtype == torch.bool
-        img = denormalize(s["image"]).astype(np.float64)
-        valid = s["valid"].numpy()
-        lab, ent = s["label"].numpy(), s["entropy"].numpy()
+        assert s.image.shape == (3, *crop) and len(s.strong) == 1 and s.strong[0].shape == (3, *crop)
+        assert s.label.dtype == torch.int64 and s.entropy.dtype == torch.float32
+        assert s.valid.dtype == torch.bool
+        img = denormalize(s.image).astype(np.float64)
+        valid = s.valid.numpy()
+        lab, ent = s.label.numpy(), s.entropy.numpy()
         assert np.array_equal(valid, lab != 255)
         assert np.isinf(ent[~valid]).all() and np.isfinite(ent[valid]).all()
         x_img, y_img = img[..., 0] / 4.0, img[..., 1] / 4.0
@@ -341,8 +344,9 @@ def test_pseudo_sample_keeps_image_label_entropy_aligned(tmp_path: Path, scale: 
             assert valid.all()
         # same (index, seed) -> same sample
         again = ds[(seed % 2, seed)]
-        for key in s:
-            assert torch.equal(s[key], again[key])
+        for key in ("image", "label", "entropy", "valid"):
+            assert torch.equal(getattr(s, key), getattr(again, key))
+        assert torch.equal(s.strong[0], again.strong[0])
     assert flips == {True, False}
 
 
@@ -421,7 +425,7 @@ def test_build_train_sets_adds_the_pseudo_set(tmp_path: Path, synth: VideoSet) -
     assert set(sets) == {"labeled", "pseudo"} and sizes == {"labeled": 2, "pseudo": 3}
     assert isinstance(sets["pseudo"], PseudoLabeledFrames) and len(sets["pseudo"]) == len(split.unlabeled)
     sample = sets["pseudo"][(0, 1)]
-    assert set(sample) == {"image", "label", "entropy", "valid", "strong"}
+    assert isinstance(sample, PseudoBatch) and len(sample.strong) == 1
 
 
 # ------------------------------------------------------------------ engine

@@ -1,4 +1,4 @@
-"""Test-time augmentation (multi-scale + flip) and weighted checkpoint ensembles (SPEC section 2.5,
+"""Test-time augmentation (multi-scale + flip) and weighted checkpoint ensembles (docs/methods.md#7-offline-teacher-student-self-training,
 steps 2 and 5) through the Predictor that evaluate / predict / pseudo-label share."""
 
 from __future__ import annotations

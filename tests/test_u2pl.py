@@ -1,9 +1,10 @@
-"""U2PL method (SPEC 2.3): config errors, reliable-pixel loss against a numpy oracle, EMA teacher,
+"""U2PL method (docs/methods.md#4-u2pl): config errors, reliable-pixel loss against a numpy oracle, EMA teacher,
 memory bank in checkpoints (exact resume), training through the engine."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from engine_toy import NUM_CLASSES, ToyRegions, make_labels, pixel_accuracy_fn, 
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from semivss.data.batch import LabeledBatch, UnlabeledBatch
 from semivss.engine import OptimConfig, ScheduleConfig, TrainConfig, Trainer, load_checkpoint
 from semivss.errors import ConfigError
 from semivss.methods.parts import batch_cutmix_boxes, step_generator
@@ -59,8 +61,9 @@ def TinySegModel(num_classes: int = NUM_CLASSES, width: int = 8, bn: bool = True
 
 
 class ToyUnlabeled(Dataset):
-    """Unlabeled toy frames ``image (1,3,H,W)`` (+ ``strong``, ``strong2``... copies: more noise
-    and a brightness shift), reproducible from ``(index, sample_seed)``."""
+    """Unlabeled toy frames: ``UnlabeledBatch`` samples, ``image (1,3,H,W)``, all-True ``valid``
+    and ``strong_copies`` strong copies (more noise and a brightness shift), reproducible from
+    ``(index, sample_seed)``."""
 
     def __init__(self, n: int = 16, size: int = 32, seed: int = 7, strong_copies: int = 0) -> None:
         self.labels = make_labels(n, size, seed)
@@ -69,15 +72,16 @@ class ToyUnlabeled(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, item: tuple[int, int]) -> dict[str, Tensor]:
+    def __getitem__(self, item: tuple[int, int]) -> UnlabeledBatch:
         index, seed = item
         g = torch.Generator().manual_seed(int(seed))
         image = render(self.labels[index], g)
-        out = {"image": image[None], "offset": torch.zeros(1, dtype=torch.int64)}
-        for k in range(1, self.strong_copies + 1):
-            strong = image + 0.5 * torch.randn(image.shape, generator=g) + 0.3 * torch.rand((), generator=g)
-            out["strong" if k == 1 else f"strong{k}"] = strong[None]
-        return out
+        strong = []
+        for _ in range(self.strong_copies):
+            copy = image + 0.5 * torch.randn(image.shape, generator=g) + 0.3 * torch.rand((), generator=g)
+            strong.append(copy[None])
+        valid = torch.ones(1, *image.shape[-2:], dtype=torch.bool)
+        return UnlabeledBatch(image[None], torch.zeros(1, dtype=torch.int64), valid, strong)
 
 
 def toy_batch(n_l: int = 2, n_u: int = 2, size: int = 16, seed: int = 0, strong: int = 0) -> dict:
@@ -85,10 +89,12 @@ def toy_batch(n_l: int = 2, n_u: int = 2, size: int = 16, seed: int = 0, strong:
     unl = ToyUnlabeled(n=n_u, size=size, seed=seed + 1, strong_copies=strong)
     labeled = [lab[(i, i)] for i in range(n_l)]
     unlabeled = [unl[(i, 10 + i)] for i in range(n_u)]
-    return {
-        "labeled": {k: torch.stack([s[k] for s in labeled]) for k in labeled[0]},
-        "unlabeled": {k: torch.stack([s[k] for s in unlabeled]) for k in unlabeled[0]},
-    }
+    return {"labeled": LabeledBatch.collate(labeled), "unlabeled": UnlabeledBatch.collate(unlabeled)}
+
+
+def with_valid(batch: dict, valid: Tensor, key: str = "unlabeled") -> dict:
+    """``batch`` with ``batch[key].valid`` replaced (the batches are frozen dataclasses)."""
+    return {**batch, key: dataclasses.replace(batch[key], valid=valid)}
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -117,7 +123,8 @@ def test_config_defaults_and_errors() -> None:
     with pytest.raises(ConfigError, match="low_rank"):
         U2PL({"low_rank": 5, "high_rank": 5}, 3)
     spec = U2PL(None, 3).data_spec()
-    assert spec.unlabeled_frames == 1 and not spec.unlabeled_strong
+    unl = spec.get("unlabeled")
+    assert unl is not None and unl.frames == 1 and unl.strong_copies == 0
 
 
 # ------------------------------------------------------------------ losses
@@ -129,7 +136,7 @@ def test_unsupervised_loss_equals_numpy_oracle() -> None:
     batch = toy_batch(n_l=2, n_u=3, size=16)
     out = method.training_step(models, batch, step=3, max_steps=12)  # alpha_t = 15 %
 
-    x_u = batch["unlabeled"]["image"][:, 0]
+    x_u = batch["unlabeled"].image[:, 0]
     with torch.no_grad():
         logits = F.interpolate(models["model"](x_u)["logits"], size=(16, 16), mode="bilinear",
                                align_corners=False).double().numpy()
@@ -207,7 +214,8 @@ def test_unsup_loss_on_valid_pixels_equals_the_loss_on_the_valid_half_alone() ->
     valid = torch.zeros(2, 6, 8, dtype=torch.bool)
     valid[..., :4] = True  # half the pixels
     loss, rel, unrel = u2pl_unsup_loss(logits, pseudo, ent, 25.0, valid)
-    half, rel_h, unrel_h = u2pl_unsup_loss(logits[..., :4], pseudo[..., :4], ent[..., :4], 25.0)
+    half, rel_h, unrel_h = u2pl_unsup_loss(logits[..., :4], pseudo[..., :4], ent[..., :4], 25.0,
+                                           torch.ones_like(valid[..., :4]))
     assert float(loss) == pytest.approx(float(half), rel=1e-6)
     assert torch.equal(rel[..., :4], rel_h) and torch.equal(unrel[..., :4], unrel_h)
     assert not rel[..., 4:].any() and not unrel[..., 4:].any()
@@ -215,8 +223,6 @@ def test_unsup_loss_on_valid_pixels_equals_the_loss_on_the_valid_half_alone() ->
     # hand formula: mean CE over reliable x (valid / reliable)
     ce = F.cross_entropy(logits, pseudo, reduction="none")
     assert float(loss) == pytest.approx(float(ce[rel].mean() * 48 / 36), rel=1e-6)
-    full, _, _ = u2pl_unsup_loss(logits, pseudo, ent, 25.0)
-    assert torch.equal(u2pl_unsup_loss(logits, pseudo, ent, 25.0, torch.ones_like(valid))[0], full)
 
 
 @pytest.mark.parametrize("cutmix_p", [0.0, 1.0])
@@ -227,13 +233,12 @@ def test_unsupervised_loss_ignores_padded_pixels_numpy_oracle(cutmix_p: float) -
     method = U2PL({"cutmix_p": cutmix_p}, NUM_CLASSES)
     models = method.build_models(lambda: TinySegModel(bn=False))  # teacher == student, train == eval
     models.train()
-    batch = toy_batch(n_l=2, n_u=3, size=16)
-    batch["unlabeled"]["valid"] = _padding_mask()
+    batch = with_valid(toy_batch(n_l=2, n_u=3, size=16), _padding_mask())
     torch.manual_seed(5)
     out = method.training_step(models, batch, step=3, max_steps=12)  # alpha_t = 15 %
 
-    x_u = batch["unlabeled"]["image"][:, 0]
-    valid = batch["unlabeled"]["valid"][:, 0]
+    x_u = batch["unlabeled"].image[:, 0]
+    valid = batch["unlabeled"].valid[:, 0]
 
     def logits_of(x: Tensor) -> np.ndarray:
         with torch.no_grad():
@@ -251,7 +256,7 @@ def test_unsupervised_loss_ignores_padded_pixels_numpy_oracle(cutmix_p: float) -
         x_s = torch.where(box[:, None], x_u[perm], x_u)
         pseudo = np.where(box.numpy(), pseudo[perm], pseudo)
         valid = torch.where(box, valid[perm], valid)
-        assert (valid != batch["unlabeled"]["valid"][:, 0]).any()  # the box moved padding
+        assert (valid != batch["unlabeled"].valid[:, 0]).any()  # the box moved padding
     logits = logits_of(x_s)
     logp = logits - logits.max(1, keepdims=True)
     logp = logp - np.log(np.exp(logp).sum(1, keepdims=True))
@@ -284,33 +289,15 @@ def test_contrastive_candidates_exclude_padded_pixels(monkeypatch: pytest.Monkey
     method = U2PL({"cutmix_p": 0.0, "num_anchors": 8, "num_negatives": 4, "alpha0": 60.0}, NUM_CLASSES)
     models = method.build_models(lambda: TinySegModel())
     models.train()
-    batch = toy_batch(n_l=2, n_u=3, size=16)
-    batch["unlabeled"]["valid"] = _padding_mask()
+    batch = with_valid(toy_batch(n_l=2, n_u=3, size=16), _padding_mask())
     out = method.training_step(models, batch, 0, 10)
     assert torch.isfinite(out["loss"].detach())
-    small = F.interpolate(batch["unlabeled"]["valid"][:, 0, None].float(), size=(8, 8), mode="nearest")
+    small = F.interpolate(batch["unlabeled"].valid[:, 0, None].float(), size=(8, 8), mode="nearest")
     inside = small[:, 0].bool()
     label, anchor, negative = seen["label"][2:], seen["anchor"][2:], seen["negative"][2:]
     assert (~inside).any() and (label[~inside] == 255).all() and (label[inside] != 255).all()
     assert not anchor[~inside].any() and not negative[~inside].any()
     assert anchor[inside].any() and negative[inside].any()
-
-
-def test_all_valid_mask_gives_exactly_the_previous_result() -> None:
-    outs = []
-    for with_mask in (False, True):
-        torch.manual_seed(0)
-        method = U2PL({"cutmix_p": 1.0, "num_anchors": 8, "num_negatives": 4}, NUM_CLASSES)
-        models = method.build_models(lambda: TinySegModel())
-        models.train()
-        batch = toy_batch(n_l=2, n_u=3, size=16)
-        if with_mask:
-            batch["unlabeled"]["valid"] = torch.ones(3, 1, 16, 16, dtype=torch.bool)
-        torch.manual_seed(5)
-        outs.append(method.training_step(models, batch, 2, 10))
-    assert outs[0].keys() == outs[1].keys()
-    for key in outs[0]:
-        assert torch.equal(outs[0][key], outs[1][key]), key
 
 
 # ------------------------------------------------------------------ engine integration
@@ -350,7 +337,7 @@ def test_engine_training_lowers_the_loss(tmp_path: Path) -> None:
     assert metrics["acc"] > 0.5  # chance is 0.25
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert set(ckpt["models"]) == {"model", "teacher"}
-    assert ckpt["meta"]["inference_model"] == "model"
+    assert ckpt["meta"]["export"] == {"members": ["model"], "combine": "single"}
     assert any(not torch.equal(ckpt["models"]["teacher"][k], v) for k, v in ckpt["models"]["model"].items())
     assert sum(len(q) for q in ckpt["method"]["bank"]["queues"]) > 0
 

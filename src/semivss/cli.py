@@ -12,15 +12,44 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
+from typer.core import TyperCommand  # noqa: E402
 
 from semivss.errors import SemivssError, TrainingError  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 data_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Dataset tools.")
 app.add_typer(data_app, name="data")
+results_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                          help="Published results as data: records under results/ and their tables.")
+app.add_typer(results_app, name="results")
 console = Console()
 
-FORMATS = "camvid | folder | synthetic | cityscapes | vspw"
+
+
+def _format_name(value: str) -> str:
+    """``--format`` values: a dataset format registered in :data:`semivss.registry.FORMATS`."""
+    from semivss.registry import FORMATS
+
+    if value not in FORMATS:
+        raise typer.BadParameter(FORMATS.unknown(value, with_key=False))
+    return value
+
+
+class _FormatsCommand(TyperCommand):
+    """A command with a ``--format`` option whose help lists the registered dataset formats.
+    The names are read when the help is shown (the registry imports ``semivss.data``, so
+    reading them at import would slow every ``semivss`` call down)."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        from semivss.registry import FORMATS
+
+        for param in self.params:
+            if "--format" in param.opts:
+                param.metavar = "[" + "|".join(FORMATS.names()) + "]"
+        super().format_help(ctx, formatter)
+
+
+FORMAT_HELP = "Dataset format (docs/extending.md shows how to add one)."
 
 
 def _size(text: Optional[str]) -> Optional[tuple[int, int]]:
@@ -90,6 +119,17 @@ ENSEMBLE_HELP = "Another checkpoint averaged with CHECKPOINT (repeat the option 
 WEIGHTS_HELP = "Ensemble weights, one per checkpoint in order, comma-separated (normalised; default equal)."
 SCALES_HELP = "Test-time scales of the model input size, comma-separated, e.g. 0.5,0.75,1,1.25 (default: as trained)."
 FLIP_HELP = "Also average the horizontally flipped input (default: as trained)."
+SMOOTH_HELP = ("Temporal smoothing of the class probabilities over each video's frames, "
+               "q_t = (1 - m) p_t + m q_(t-1); 0 = off.")
+
+
+def _video_predictor(predictor: Any, smooth: float) -> Any:
+    """The predictor stepped through each video: itself, or temporally smoothed (``--smooth``)."""
+    if not smooth:
+        return predictor
+    from semivss.inference.video_predictor import TemporalSmoothing
+
+    return TemporalSmoothing(predictor, smooth)
 
 
 def _load_set(fmt: str, data: Path, split: str, label_map: Optional[Path], meta: dict, ckpt: Path) -> Any:
@@ -98,7 +138,7 @@ def _load_set(fmt: str, data: Path, split: str, label_map: Optional[Path], meta:
     from semivss.data import formats
     from semivss.data.remap import LabelMap
 
-    videoset = formats.load_dataset(fmt, data, split)
+    videoset = formats.load_dataset(fmt, data, split, key="--format")
     if label_map is not None:
         videoset = LabelMap.from_file(label_map).remap_videoset(videoset)
     if videoset.num_classes != int(meta["num_classes"]):
@@ -139,16 +179,16 @@ def train(
         console.print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
 
 
-@app.command("evaluate")
+@app.command("evaluate", cls=_FormatsCommand)
 def evaluate_cmd(
     checkpoint: Path = typer.Argument(..., help="checkpoints/best.pt, last.pt or model.safetensors"),
     data: Path = typer.Option(..., "--data", help="Dataset root folder."),
-    fmt: str = typer.Option("camvid", "--format", help=FORMATS),
+    fmt: str = typer.Option("camvid", "--format", help=FORMAT_HELP, parser=_format_name),
     split: str = typer.Option("val", help="Split to evaluate (a folder name for CamVid)."),
     mode: Optional[str] = typer.Option(None, help="whole | slide (default: as trained)."),
     size: Optional[str] = typer.Option(None, help="Resize frames to HxW before the model; 'none' = original."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default: next to the checkpoint)."),
-    offsets: bool = typer.Option(False, "--offsets", help="Inner-video offset analysis (SPEC section 1)."),
+    offsets: bool = typer.Option(False, "--offsets", help="Inner-video offset analysis (docs/methods.md#10-inner-video-overfitting)."),
     train_split: str = typer.Option("train", help="Training split for the offset analysis."),
     label_every: int = typer.Option(8, help="Offset analysis: labeled positions p % k == k // 2."),
     label_position: Optional[int] = typer.Option(None, help="Offset analysis: one labeled frame per video at this position."),
@@ -158,6 +198,7 @@ def evaluate_cmd(
     weights: Optional[str] = typer.Option(None, help=WEIGHTS_HELP),
     scales: Optional[str] = typer.Option(None, help=SCALES_HELP),
     flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help=FLIP_HELP),
+    smooth: float = typer.Option(0.0, "--smooth", help=SMOOTH_HELP),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     overwrite: bool = typer.Option(False, help="Allow writing into a non-empty output folder."),
 ) -> None:
@@ -183,8 +224,9 @@ def evaluate_cmd(
         )
     # The evaluated split is scored once; its per-frame results also feed the offset analysis.
     eval_offsets = labeled_offsets(videoset, rule) if rule else None
+    video_predictor = _video_predictor(predictor, smooth)
     result = evaluate(
-        predictor, videoset, videoset.annotated(), ecfg, dev, offsets=eval_offsets,
+        video_predictor, videoset, videoset.annotated(), ecfg, dev, offsets=eval_offsets,
         save_dir=out / "preds" if save_preds else None,
     )
     console.print(result.table(title=f"{checkpoint.name} on {data.name} ({split} split)"))
@@ -194,7 +236,8 @@ def evaluate_cmd(
         from semivss.metrics.offset import offset_table_text, plot_offsets, save_offset_tables
 
         train_set = _load_set(fmt, data, train_split, label_map, metas[0], checkpoint)
-        train_res = evaluate(predictor, train_set, train_set.annotated(), ecfg, dev, offsets=labeled_offsets(train_set, rule))
+        train_res = evaluate(video_predictor, train_set, train_set.annotated(), ecfg, dev,
+                             offsets=labeled_offsets(train_set, rule))
         tables = {f"train videos ({train_split})": train_res.offsets, f"held-out videos ({split})": result.offsets}
         typer.echo(offset_table_text(tables))
         save_offset_tables(tables, out / "offsets.json")
@@ -214,6 +257,7 @@ def predict(
     weights: Optional[str] = typer.Option(None, help=WEIGHTS_HELP),
     scales: Optional[str] = typer.Option(None, help=SCALES_HELP),
     flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help=FLIP_HELP),
+    smooth: float = typer.Option(0.0, "--smooth", help=SMOOTH_HELP),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     overwrite: bool = typer.Option(False, help="Allow replacing files in OUT."),
 ) -> None:
@@ -227,16 +271,17 @@ def predict(
                                        **({"size": _size(size)} if size is not None else {}))
     ecfg = predictor.members[0].cfg
     palette = np.asarray(metas[0]["palette"], dtype=np.uint8)
-    summary = predict_source(predictor, source, out, palette, ecfg, dev, fps=fps, overwrite=overwrite)
+    summary = predict_source(_video_predictor(predictor, smooth), source, out, palette, ecfg, dev,
+                             fps=fps, overwrite=overwrite)
     console.print(summary)
 
 
-@app.command("pseudo-label")
+@app.command("pseudo-label", cls=_FormatsCommand)
 def pseudo_label_cmd(
     checkpoint: Path = typer.Argument(..., help="Teacher: checkpoints/best.pt, last.pt or model.safetensors"),
     data: Path = typer.Option(..., "--data", help="Dataset root folder."),
     out: Path = typer.Option(..., "--out", help="Pseudo-label set folder: manifest.json, labels/, entropy/"),
-    fmt: str = typer.Option("camvid", "--format", help=FORMATS),
+    fmt: str = typer.Option("camvid", "--format", help=FORMAT_HELP, parser=_format_name),
     split: str = typer.Option("train", help="Split whose unlabeled frames are labelled."),
     label_every: Optional[int] = typer.Option(None, help="Labeled frames: positions p % k == k // 2 (camvid-ssvs 1/k)."),
     label_position: Optional[int] = typer.Option(None, help="Labeled frames: one per video at this position."),
@@ -244,7 +289,7 @@ def pseudo_label_cmd(
     label_map: Optional[Path] = typer.Option(None, "--label-map", help=LABEL_MAP_HELP),
     ensemble: list[Path] = typer.Option([], "--ensemble", help=ENSEMBLE_HELP),
     weights: Optional[str] = typer.Option(None, help=WEIGHTS_HELP),
-    scales: Optional[str] = typer.Option(None, help=SCALES_HELP + " SPEC 2.5: 0.571,0.714,0.857,1,1.143,1.286,1.429,1.571 --flip."),
+    scales: Optional[str] = typer.Option(None, help=SCALES_HELP + " PVUW 2024: 0.571,0.714,0.857,1,1.143,1.286,1.429,1.571 --flip."),
     flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help=FLIP_HELP),
     mode: Optional[str] = typer.Option(None, help="whole | slide (default: as trained)."),
     size: Optional[str] = typer.Option(None, help="Model input size HxW at scale 1; 'none' = original."),
@@ -254,7 +299,7 @@ def pseudo_label_cmd(
     overwrite: bool = typer.Option(False, help="Write into a non-empty OUT, replacing its files."),
     device: str = typer.Option("auto", help="auto | cpu | cuda (under torchrun: cuda:LOCAL_RANK)"),
 ) -> None:
-    """Pseudo-label the unlabeled frames of a split with a teacher ensemble + TTA (SPEC 2.5, steps 2-3).
+    """Pseudo-label the unlabeled frames of a split with a teacher ensemble + TTA (docs/methods.md#71-pseudo-label-sets).
 
     Labeled frames follow the label-ratio rule (--label-every / --label-position; default: the rule
     the first checkpoint was trained with). Writes argmax label PNGs and uint8 entropy maps at each
@@ -314,11 +359,11 @@ def pseudo_label_cmd(
         dist.cleanup()
 
 
-@app.command("pseudo-label-quality")
+@app.command("pseudo-label-quality", cls=_FormatsCommand)
 def pseudo_label_quality_cmd(
     set_dir: Path = typer.Argument(..., help="Pseudo-label set written by `semivss pseudo-label`."),
     data: Path = typer.Option(..., help="Dataset root holding ground truth for (some of) the set's frames."),
-    fmt: str = typer.Option("camvid", "--format", help=FORMATS),
+    fmt: str = typer.Option("camvid", "--format", help=FORMAT_HELP, parser=_format_name),
     split: str = typer.Option("train", help="Split the set was written from."),
     label_map: Optional[Path] = typer.Option(None, "--label-map", help=LABEL_MAP_HELP),
     gamma: Optional[float] = typer.Option(None, help="Reliable iff entropy < gamma nats (default 0.5 ln C)."),
@@ -338,7 +383,7 @@ def pseudo_label_quality_cmd(
 
     if out is not None and out.exists():
         raise SemivssError(f"{out} exists; choose another --out (results are never overwritten)")
-    videoset = formats.load_dataset(fmt, data, split)
+    videoset = formats.load_dataset(fmt, data, split, key="--format")
     if label_map is not None:
         videoset = LabelMap.from_file(label_map).remap_videoset(videoset)
     q = pseudo_label_quality(set_dir, videoset, gamma)
@@ -411,6 +456,35 @@ def compare_cmd(
         console.print(f"table -> {out}")
 
 
+@results_app.command("add")
+def results_add(
+    run: Path = typer.Argument(..., help="A finished training run (config.yaml, metrics.csv)."),
+    eval_dir: Optional[Path] = typer.Option(None, "--eval", help="Its evaluation folder (default RUN/eval-val)."),
+    name: Optional[str] = typer.Option(None, help="Row name (default: the run folder's name)."),
+    protocol: Optional[str] = typer.Option(None, help="Benchmark protocol the row belongs to."),
+    notes: Optional[str] = typer.Option(None, help="A remark stored with the record."),
+    out: Path = typer.Option(..., help="Record file to write (results/<protocol>/<row>.json)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing record."),
+) -> None:
+    """Write the result record of an evaluated run (metrics, per-class IoU, s/it, config, commit, machine)."""
+    from semivss.results import make_record, write_record
+
+    path = write_record(make_record(run, eval_dir, name, protocol, notes), out, overwrite=overwrite)
+    console.print(f"record -> {path}")
+
+
+@results_app.command("table")
+def results_table(
+    records: list[Path] = typer.Argument(..., help="Record files or folders of them."),
+    baseline: Optional[str] = typer.Option(None, help="Row the differences and time ratios refer to."),
+    per_class: bool = typer.Option(True, "--per-class/--no-per-class", help="Add the per-class IoU table."),
+) -> None:
+    """Print the markdown table of result records (the tables of README.md and docs/results.md)."""
+    from semivss.results import load_records, results_markdown
+
+    typer.echo(results_markdown(load_records(list(records)), baseline=baseline, per_class=per_class))
+
+
 @data_app.command("synth")
 def data_synth(
     out: Path = typer.Argument(..., help="Output folder (folder format)."),
@@ -421,7 +495,7 @@ def data_synth(
     seed: int = typer.Option(0),
     overwrite: bool = typer.Option(False, help="Allow writing into a non-empty folder."),
 ) -> None:
-    """Generate the embedded synthetic video set (SPEC section 5), deterministic by seed."""
+    """Generate the embedded synthetic video set (docs/protocols.md#1-benchmark-synthetic), deterministic by seed."""
     import time
 
     from semivss.data.synthetic import generate_synthetic
@@ -431,10 +505,10 @@ def data_synth(
     console.print(f"wrote {videos} videos x {frames} frames ({height}x{width}) to {path} in {time.perf_counter() - t0:.1f} s")
 
 
-@data_app.command("info")
+@data_app.command("info", cls=_FormatsCommand)
 def data_info(
     root: Path = typer.Argument(..., help="Dataset root."),
-    fmt: str = typer.Option("camvid", "--format", help=FORMATS),
+    fmt: str = typer.Option("camvid", "--format", help=FORMAT_HELP, parser=_format_name),
     split: str = typer.Option("train"),
     label_every: Optional[int] = typer.Option(None, help="Show the 1/k label-ratio split."),
 ) -> None:
@@ -443,7 +517,7 @@ def data_info(
 
     from semivss.data import formats, splits
 
-    vs = formats.load_dataset(fmt, root, split)
+    vs = formats.load_dataset(fmt, root, split, key="--format")
     lab = set(splits.every_kth(vs, label_every).labeled) if label_every else set()
     table = Table(title=f"{root} ({split} split): {vs.num_classes} classes")
     for col in ("video", "frames", "annotated", "labeled (1/k)"):

@@ -3,6 +3,8 @@
 Each module owns the pydantic model of its section (``extra="forbid"``); this file composes them.
 An unknown or mistyped key is a :class:`~semivss.errors.ConfigError` naming the key and the file.
 Values can be overridden on the command line with ``--set section.key=value`` (value parsed as YAML).
+A file may inherit from others with a top-level ``_base_:`` (a path or a list of paths, relative to
+that file): the bases are deep-merged in order, then the file's own keys, then the overrides.
 """
 
 from __future__ import annotations
@@ -38,11 +40,11 @@ class ExperimentConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_method(self) -> "ExperimentConfig":
-        from semivss.methods import METHODS
+        from semivss.registry import METHODS
 
         name = self.method.get("name", "supervised")
-        if name not in METHODS:
-            raise ValueError(f"method.name: unknown method {name!r}; choose one of {sorted(METHODS)}")
+        if not isinstance(name, str) or name not in METHODS:
+            raise ValueError(METHODS.unknown(name))
         params = {k: v for k, v in self.method.items() if k != "name"}
         try:
             METHODS[name].Config(**params)
@@ -101,9 +103,22 @@ def parse_config(raw: dict[str, Any], source: str = "<config>") -> ExperimentCon
         raise ConfigError(f"{source}: {detail}") from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Load a YAML experiment file, apply overrides and validate it."""
-    path = Path(path)
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``over`` into a copy of ``base``: nested mappings merge, anything else is replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML mapping and resolve its ``_base_`` files (relative to it), recursively."""
+    if path.resolve() in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path.resolve()))
+        raise ConfigError(f"{path}: '_base_' cycle ({chain})")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -111,7 +126,26 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        named_by = f" (named in '_base_' of {seen[-1]})" if seen else ""
+        raise ConfigError(f"{path}: the top level must be a mapping of sections{named_by}")
+    bases = raw.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: '_base_' must be a file path or a list of file paths")
+    merged: dict[str, Any] = {}
+    for base in bases:
+        base_path = path.parent / base
+        if not base_path.is_file():
+            raise ConfigError(f"{path}: '_base_' file not found: {base_path}")
+        merged = deep_merge(merged, _read_yaml_tree(base_path, (*seen, path.resolve())))
+    return deep_merge(merged, raw)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a YAML experiment file (with its ``_base_`` files), apply overrides and validate it."""
+    path = Path(path)
+    raw = _read_yaml_tree(path)
     apply_overrides(raw, overrides or [])
     return parse_config(raw, source=str(path))
 

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from semivss.config import ExperimentConfig, dump_config
-from semivss.data import clips, splits
+from semivss.data import splits
 from semivss.data.config import SplitConfig, build_augment, build_split, load_videosets
-from semivss.data.pseudo import PseudoLabeledFrames
+from semivss.data.requests import TrainSource
 from semivss.data.video import FrameRef, VideoSet
 from semivss.engine import dist
 from semivss.engine.checkpoint import load_checkpoint
@@ -23,58 +23,20 @@ from semivss.engine.trainer import Trainer
 from semivss.errors import ConfigError, DataError
 from semivss.inference.config import EvalConfig
 from semivss.inference.evaluate import EvalResult, evaluate
-from semivss.methods import build_method
+from semivss.methods import DataSpec, build_method
 from semivss.models import build_model
 from semivss.models.config import ModelConfig
-from semivss.models.ensemble import ProbAverage
+from semivss.models.ensemble import ExportSpec, build_inference_model
 
 
-def build_train_sets(cfg: ExperimentConfig, videoset: VideoSet, spec: Any) -> tuple[dict, dict]:
-    """Datasets and batch sizes the method asks for (``DataSpec``): labeled clips (+ unlabeled
-    clips, + frames of the pseudo-label set ``data.pseudo_labels`` under ``"pseudo"``)."""
-    d = cfg.data
-    augment = build_augment(d)
-    split = build_split(d.split, videoset)
-    sets: dict[str, torch.utils.data.Dataset] = {
-        "labeled": clips.LabeledClips(
-            videoset,
-            split.labeled,
-            augment,
-            context_frames=spec.context_frames,
-            context_offsets=tuple(spec.context_offsets),
-            context_strong=spec.context_strong,
-        )
-    }
-    sizes = {"labeled": d.batch_size}
-    if spec.unlabeled_frames > 0:
-        if not split.unlabeled:
-            raise DataError(
-                f"{d.root} ({d.train_split}): the split has no unlabeled frames, "
-                f"but method '{cfg.method_name}' needs them"
-            )
-        sets["unlabeled"] = clips.UnlabeledClips(
-            videoset,
-            split.unlabeled,
-            augment,
-            num_frames=spec.unlabeled_frames,
-            offsets=tuple(spec.unlabeled_offsets),
-            strong=spec.unlabeled_strong,
-            strong_copies=spec.unlabeled_strong_copies,
-        )
-        sizes["unlabeled"] = d.unlabeled_batch_size
-    if getattr(spec, "pseudo_labeled", False):
-        if d.pseudo_labels is None:
-            raise ConfigError(
-                f"data.pseudo_labels: method '{cfg.method_name}' trains on a pseudo-label set; set it "
-                "to a folder written by `semivss pseudo-label`"
-            )
-        if d.unlabeled_batch_size < 1:
-            raise ConfigError(
-                f"data.unlabeled_batch_size: method '{cfg.method_name}' needs a positive batch size "
-                "for its pseudo-labeled frames"
-            )
-        sets["pseudo"] = PseudoLabeledFrames(videoset, d.pseudo_labels, augment, strong=spec.pseudo_strong)
-        sizes["pseudo"] = d.unlabeled_batch_size
+def build_train_sets(cfg: ExperimentConfig, videoset: VideoSet, spec: DataSpec) -> tuple[dict, dict]:
+    """Datasets and batch sizes of the requests of the method's ``DataSpec``, keyed by batch key."""
+    source = TrainSource(videoset, build_split(cfg.data.split, videoset), build_augment(cfg.data),
+                         cfg.data, cfg.method_name)
+    sets: dict[str, torch.utils.data.Dataset] = {}
+    sizes: dict[str, int] = {}
+    for request in spec.requests:
+        sets[request.key], sizes[request.key] = request.build(source)
     return sets, sizes
 
 
@@ -133,9 +95,9 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> dict[str, float]:
 
 def load_trained_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the inference model from a training checkpoint (``.pt``) or an exported
-    ``model.safetensors`` (meta stored in its header). Loads safely (no pickle execution).
-    An inference model averaging several networks (CPS ``inference: average``) comes back as a
-    :class:`~semivss.models.ensemble.ProbAverage` of them."""
+    ``model.safetensors`` (meta stored in its header): one network per member of the method's
+    export record ``meta["export"]`` (:class:`~semivss.models.ensemble.ExportSpec`), combined as
+    it says. Loads safely (no pickle execution)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"checkpoint not found: {path}")
@@ -148,28 +110,28 @@ def load_trained_model(path: str | Path, device: torch.device | str = "cpu") -> 
         if "semivss_meta" not in header:
             raise DataError(f"{path}: not a semivss model file (no 'semivss_meta' in its header)")
         meta = json.loads(header["semivss_meta"])
-        state = load_file(str(path))
-        n_nets = len({k.split(".")[1] for k in state if k.startswith("nets.")})
-        states = ([{k[len(f"nets.{i}."):]: v for k, v in state.items() if k.startswith(f"nets.{i}.")}
-                   for i in range(n_nets)] if n_nets else [state])
+        combined = load_file(str(path))  # the state dict of the combined module
     else:
         ckpt = load_checkpoint(path)
         meta = ckpt.get("meta") or {}
         if "model" not in meta:
             raise DataError(f"{path}: checkpoint has no model meta; was it written by semivss train?")
-        names = meta.get("inference_model", "model")
-        names = [names] if isinstance(names, str) else list(names)
-        missing = [n for n in names if n not in ckpt["models"]]
+    try:  # files written before meta["export"] carry meta["inference_model"] (see from_meta)
+        spec = ExportSpec.from_meta(meta)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{path}: invalid export record {meta.get('export')!r}: {exc}") from None
+    model_cfg = ModelConfig(**{**meta["model"], "pretrained": None, "init_from": None})
+    nets = [build_model(model_cfg, int(meta["num_classes"])) for _ in spec.members]
+    if path.suffix == ".safetensors":
+        model = build_inference_model(nets, spec.combine)
+        model.load_state_dict(combined)
+    else:
+        missing = [n for n in spec.members if n not in ckpt["models"]]
         if missing:
             raise DataError(f"{path}: checkpoint has no model {missing[0]!r}")
-        states = [ckpt["models"][n] for n in names]
-    model_cfg = ModelConfig(**{**meta["model"], "pretrained": None, "init_from": None})
-    nets = []
-    for state in states:
-        net = build_model(model_cfg, int(meta["num_classes"]))
-        net.load_state_dict(state)
-        nets.append(net)
-    model: nn.Module = nets[0] if len(nets) == 1 else ProbAverage(*nets)
+        for net, name in zip(nets, spec.members):
+            net.load_state_dict(ckpt["models"][name])
+        model = build_inference_model(nets, spec.combine)
     model.to(device).eval()
     return model, meta
 
@@ -186,7 +148,7 @@ def eval_config_from(meta: dict, **overrides: Any) -> EvalConfig:
 
 def labeled_offsets(videoset: VideoSet, rule: SplitConfig) -> dict[FrameRef, int]:
     """Signed position offset of every frame to the nearest labeled frame of its video under
-    the label-ratio rule ``rule`` (SPEC section 1, inner-video overfitting analysis)."""
+    the label-ratio rule ``rule`` (Eq. (OFF-1), docs/methods.md#10-inner-video-overfitting)."""
     return splits.nearest_labeled_offset(build_split(rule, videoset), videoset)
 
 
@@ -208,7 +170,7 @@ def load_ensemble(
     weights: list[float] | None = None,
     **eval_overrides: Any,
 ) -> tuple[Any, list[dict]]:
-    """Load checkpoints as one ``Predictor`` (SPEC section 2.5, steps 2 and 5).
+    """Load checkpoints as one ``Predictor`` (docs/methods.md#8-test-time-augmentation-and-ensembles).
 
     Each member keeps its own evaluation settings (its checkpoint's ``eval`` section with
     ``eval_overrides`` such as ``scales``/``flip``/``mode``/``size``; ``None`` = keep); ``weights``

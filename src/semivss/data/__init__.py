@@ -1,4 +1,8 @@
-"""semivss.data: videos with sparse labels, dataset readers, splits, clip datasets, transforms."""
+"""semivss.data: videos with sparse labels, dataset readers, splits, clip datasets, transforms.
+
+Importing this package registers the built-in dataset formats (:data:`semivss.registry.FORMATS`):
+``semivss.data.formats`` registers its readers; a new format module is one more import line here
+(docs/extending.md)."""
 
 from semivss.data.clips import (
     EvalFrames,

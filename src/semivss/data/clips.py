@@ -5,7 +5,7 @@ a sample (which context frames, augmentation, strong distortion) comes from
 `np.random.default_rng(sample_seed)`, so the same pair always gives the same tensors. A plain int
 draws its seed from torch's RNG (seeded per DataLoader worker); the engine's infinite sampler
 (`semivss.engine.sampler`) yields the pairs. Offsets are signed differences of positions in the
-video's ordered frame list (SPEC sections 1, 2.2).
+video's ordered frame list (docs/methods.md#10-inner-video-overfitting, docs/methods.md#3-ifr).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from semivss.data.batch import LabeledBatch, UnlabeledBatch
 from semivss.data.transforms import ClipAugment, EvalResize, StrongPhotometric, label_to_tensor, to_tensor
 from semivss.data.video import Frame, FrameRef, VideoSet
 from semivss.errors import ConfigError, DataError
@@ -96,10 +97,10 @@ def _check_refs(videoset: VideoSet, refs: Sequence[FrameRef], what: str, need_la
     return refs
 
 
-class LabeledClips(Dataset[dict[str, torch.Tensor]]):
+class LabeledClips(Dataset[LabeledBatch]):
     """Labeled frame + optional K context frames of the same video, same geometry.
 
-    Returns `image (3,H,W)`, `label (H,W) int64`, `valid (H,W) bool` (True where the pixel comes
+    Returns a `LabeledBatch`: `image (3,H,W)`, `label (H,W) int64`, `valid (H,W) bool` (True where the pixel comes
     from the frame, False in the crop padding, whose label is ignore; void pixels of the frame
     stay valid); with `context_frames=K > 0` also `context
     (K,3,H,W)` and `context_offset (K,) int64`, and `context_strong (K,3,H,W)` (strong photometric
@@ -131,7 +132,7 @@ class LabeledClips(Dataset[dict[str, torch.Tensor]]):
     def __len__(self) -> int:
         return len(self.labeled)
 
-    def __getitem__(self, item: SampleIndex) -> dict[str, torch.Tensor]:
+    def __getitem__(self, item: SampleIndex) -> LabeledBatch:
         idx, seed = _resolve(item)
         rng = np.random.default_rng(seed)
         ref = self.labeled[idx]
@@ -143,30 +144,26 @@ class LabeledClips(Dataset[dict[str, torch.Tensor]]):
         label = self.videoset.read_label(frames[0])
         imgs, masks, valid = self.augment.with_valid(images, [label] + [None] * len(ctx), int(rng.integers(_U32)))
         assert masks[0] is not None
-        out = {
-            "image": to_tensor(imgs[0]),
-            "label": label_to_tensor(masks[0]),
-            "valid": torch.from_numpy(valid),
-        }
+        context = offset = context_strong = None
         if ctx:
-            out["context"] = torch.stack([to_tensor(im) for im in imgs[1:]])
-            out["context_offset"] = torch.tensor([q - pos for q in ctx], dtype=torch.int64)
+            context = torch.stack([to_tensor(im) for im in imgs[1:]])
+            offset = torch.tensor([q - pos for q in ctx], dtype=torch.int64)
             if self.context_strong:
-                out["context_strong"] = torch.stack(
+                context_strong = torch.stack(
                     [to_tensor(self.strong(im, int(rng.integers(_U32)))) for im in imgs[1:]]
                 )
-        return out
+        return LabeledBatch(to_tensor(imgs[0]), label_to_tensor(masks[0]), torch.from_numpy(valid),
+                            context, offset, context_strong)
 
 
-class UnlabeledClips(Dataset[dict[str, torch.Tensor]]):
+class UnlabeledClips(Dataset[UnlabeledBatch]):
     """Anchor frame + N-1 other frames of its video within `offsets`, same geometry.
 
-    Returns `image (N,3,H,W)`, `offset (N,) int64` (anchor first, offset 0), `valid (N,H,W)
-    bool` (True where the pixel comes from the frame, False in the crop padding added when the
-    rescaled frame is smaller than the crop; the same for every frame and every strong copy, which
-    share the geometry) and, with `strong`, `strong (N,3,H,W)` strong photometric copies;
-    `strong_copies=k > 1` adds independently distorted copies `strong2`, ..., `strong{k}`
-    (UniMatch's two strong views; the draws of `strong` are unchanged). Labels are never read.
+    Returns an `UnlabeledBatch`: `image (N,3,H,W)`, `offset (N,) int64` (anchor first, offset 0),
+    `valid (N,H,W) bool` (True where the pixel comes from the frame, False in the crop padding
+    added when the rescaled frame is smaller than the crop; the same for every frame and every
+    strong copy, which share the geometry) and `strong`: `strong_copies` independently distorted
+    copies `(N,3,H,W)` (UniMatch's two strong views). Labels are never read.
     `valid` comes from an all-ones mask pushed through the same augmentation call as the frames
     (padded with the ignore value), so it neither changes the images nor any random draw.
     """
@@ -178,29 +175,27 @@ class UnlabeledClips(Dataset[dict[str, torch.Tensor]]):
         augment: ClipAugment,
         num_frames: int = 1,
         offsets: tuple[int, int] = (-29, 29),
-        strong: bool = False,
+        strong_copies: int = 0,
         split_name: str = "unlabeled",
-        strong_copies: int = 1,
     ) -> None:
         if not frames:
             raise DataError(f"{split_name} split of video set {videoset.name!r} is empty: no unlabeled frames")
         if num_frames < 1:
             raise ConfigError(f"num_frames must be >= 1, got {num_frames}")
-        if strong_copies < 1:
-            raise ConfigError(f"strong_copies must be >= 1, got {strong_copies}")
+        if strong_copies < 0:
+            raise ConfigError(f"strong_copies must be >= 0, got {strong_copies}")
         self.strong_copies = strong_copies
         self.videoset = videoset
         self.frames = _check_refs(videoset, frames, split_name, need_label=False)
         self.augment = augment
         self.num_frames = num_frames
         self.offsets = _check_offsets("offsets", offsets)
-        self.use_strong = strong
         self.strong = StrongPhotometric()
 
     def __len__(self) -> int:
         return len(self.frames)
 
-    def __getitem__(self, item: SampleIndex) -> dict[str, torch.Tensor]:
+    def __getitem__(self, item: SampleIndex) -> UnlabeledBatch:
         idx, seed = _resolve(item)
         rng = np.random.default_rng(seed)
         ref = self.frames[idx]
@@ -211,16 +206,14 @@ class UnlabeledClips(Dataset[dict[str, torch.Tensor]]):
         images = _read_clip(self.videoset, frames)
         imgs, _, valid_np = self.augment.with_valid(images, [None] * len(images), int(rng.integers(_U32)))
         valid = torch.from_numpy(valid_np)
-        out = {
-            "image": torch.stack([to_tensor(im) for im in imgs]),
-            "offset": torch.tensor([0] + [q - pos for q in others], dtype=torch.int64),
-            "valid": valid.unsqueeze(0).expand(len(imgs), *valid.shape).clone(),
-        }
-        if self.use_strong:
-            for n in range(1, self.strong_copies + 1):
-                key = "strong" if n == 1 else f"strong{n}"
-                out[key] = torch.stack([to_tensor(self.strong(im, int(rng.integers(_U32)))) for im in imgs])
-        return out
+        strong = [torch.stack([to_tensor(self.strong(im, int(rng.integers(_U32)))) for im in imgs])
+                  for _ in range(self.strong_copies)]
+        return UnlabeledBatch(
+            torch.stack([to_tensor(im) for im in imgs]),
+            torch.tensor([0] + [q - pos for q in others], dtype=torch.int64),
+            valid.unsqueeze(0).expand(len(imgs), *valid.shape).clone(),
+            strong,
+        )
 
 
 class EvalFrames(Dataset[dict[str, Any]]):
@@ -228,19 +221,23 @@ class EvalFrames(Dataset[dict[str, Any]]):
 
     Returns `image (3,h,w)` resized to `size` (None = original), `label (H,W) int64` at the
     ORIGINAL resolution (-1 everywhere when the frame has no label), `has_label` (bool),
-    `video` (str), `index` (int), `orig_size (2,) int64` = (H, W). `frames=None` = all annotated.
+    `video` (str), `index` (int), `orig_size (2,) int64` = (H, W), `scored` (False for the
+    `context` frames, which only a temporal predictor needs). `frames=None` = all annotated.
     """
 
     def __init__(
-        self, videoset: VideoSet, frames: Sequence[FrameRef] | None = None, size: tuple[int, int] | None = None
+        self, videoset: VideoSet, frames: Sequence[FrameRef] | None = None,
+        size: tuple[int, int] | None = None, context: Sequence[FrameRef] = (),
     ) -> None:
         refs = videoset.annotated() if frames is None else list(frames)
         if not refs:
             raise DataError(f"no frames to evaluate in video set {videoset.name!r}")
         _check_refs(videoset, refs, "evaluation", need_label=False)
+        _check_refs(videoset, context, "context", need_label=False)
         order = {v.name: i for i, v in enumerate(videoset.videos)}
         self.videoset = videoset
-        self.frames = sorted(set(refs), key=lambda r: (order[r.video], r.index))
+        self.context = set(context) - set(refs)
+        self.frames = sorted(set(refs) | self.context, key=lambda r: (order[r.video], r.index))
         self.resize = EvalResize(size)
 
     def __len__(self) -> int:
@@ -250,7 +247,7 @@ class EvalFrames(Dataset[dict[str, Any]]):
         ref = self.frames[int(item)]
         image = self.videoset.read_image(ref)
         h, w = image.shape[:2]
-        if self.videoset.has_label(ref):
+        if ref not in self.context and self.videoset.has_label(ref):
             label = label_to_tensor(self.videoset.read_label(ref))
             has = True
         else:
@@ -260,6 +257,7 @@ class EvalFrames(Dataset[dict[str, Any]]):
             "image": to_tensor(self.resize(image)),
             "label": label,
             "has_label": has,
+            "scored": ref not in self.context,
             "video": ref.video,
             "index": ref.index,
             "orig_size": torch.tensor([h, w], dtype=torch.int64),

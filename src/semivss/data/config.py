@@ -12,13 +12,15 @@ from semivss.data.remap import LabelMap
 from semivss.data.splits import Split, all_labeled, every_kth, single_frame
 from semivss.data.transforms import ClipAugment
 from semivss.data.video import VideoSet
+from semivss.registry import FORMATS
 
 __all__ = ["SplitConfig", "DataConfig", "build_split", "build_augment", "load_videosets"]
 
 
 class SplitConfig(BaseModel):
-    """Which training frames are labeled (SPEC section 5): every k-th annotated frame of each
-    video (camvid-ssvs), one frame per video at `position`, or all annotated frames."""
+    """Which training frames are labeled (docs/protocols.md#2-benchmark-camvid-ssvs): every k-th
+    annotated frame of each video (camvid-ssvs), one frame per video at `position`, or all
+    annotated frames."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -39,7 +41,7 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    format: Literal["camvid", "folder", "synthetic", "cityscapes", "vspw"]
+    format: str  # a name registered in semivss.registry.FORMATS
     root: Path
     train_split: str | None = "train"
     val_split: str | None = "val"
@@ -51,12 +53,17 @@ class DataConfig(BaseModel):
     batch_size: int = Field(8, ge=1)
     unlabeled_batch_size: int = Field(8, ge=0)
     num_workers: int = Field(2, ge=0)
-    # folder written by `semivss pseudo-label` (SPEC 2.5), read by methods that ask for pseudo-labeled
-    # frames (batch size `unlabeled_batch_size`)
+    # folder written by `semivss pseudo-label` (docs/protocols.md#7-pseudo-label-sets), read by
+    # methods that ask for pseudo-labeled frames (batch size `unlabeled_batch_size`)
     pseudo_labels: Path | None = None
     # label lookup table (`semivss.data.remap`): source class ids -> target classes, unmapped -> 255;
     # applied to the training and validation sets, whose classes become the target's
     label_map: Path | None = None
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        return FORMATS.check_name(value)
 
     @field_validator("crop_size", "base_size")
     @classmethod

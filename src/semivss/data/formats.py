@@ -1,39 +1,14 @@
-"""Dataset readers producing a `VideoSet` (SPEC section 4).
+"""Dataset readers producing a `VideoSet`: `camvid` (SegNet layout), `folder` (users' own videos:
+image frames or one video file per video, label PNGs for any subset of frames, `meta.yaml`),
+`synthetic` (the folder format written by `semivss.data.synthetic`), `cityscapes` (sequence
+snippets + gtFine labelIds -> 19 trainIds) and `vspw` (raw 0 and 255 -> 255, v -> v - 1).
 
-CamVid (SegNet layout)::
-
-    root/<split>/<sequence>_<frame>.png          RGB frames (0006R0, Seq05VD: `_f<frame>`)
-    root/<split>annot/<sequence>_<frame>.png     labels 0..10, 11 = void (-> 255)
-
-Folder format (users' own videos; also written by `semivss.data.synthetic`)::
-
-    root/meta.yaml                 classes: [sky, road, ...]         (required)
-                                   palette: [[r, g, b], ...]         (optional, one per class)
-                                   label_map: {raw: class id|name}  (optional; default raw v = class v)
-                                   ignore_index: 255                 (optional; int or list of raw values
-                                                                      meaning "ignore")
-                                   name: ..., description: ...       (optional)
-    root/videos/<video>/*.png|jpg  frames; frame index = the last integer in the file name
-    root/videos/<video>.mp4        or an mp4 (also .mov/.mkv/.avi/.webm); index = decode position
-    root/labels/<video>/<index:06d>.png  or  <frame stem>.png   labels of any subset of frames
-    root/<split>.txt               optional: one video name per line (`#` comments allowed)
-
-Label PNGs are single-channel (grayscale or palette-indexed) raw values; raw values that are
-neither mapped nor ignored are an error when read.
-
-Cityscapes: ``leftImg8bit_sequence/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png`` (falls
-back to ``leftImg8bit/`` when the sequence package is absent), labels
-``gtFine/<split>/<city>/*_gtFine_labelIds.png`` mapped to the 19 train ids. A video is one
-``<city>_<seq>`` snippet.
-
-VSPW: ``<split>.txt`` (video names), ``data/<video>/origin/%08d.jpg``,
-``data/<video>/mask/%08d.png``; raw 0 (others) and 255 (void) -> 255, v -> v - 1 (124 classes).
+Layouts, file-name conventions and label mappings: docs/protocols.md#6-dataset-formats.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from semivss.data.video import IGNORE_INDEX, MAX_CLASSES, Frame, Video, VideoSet, make_label_lut
-from semivss.errors import ConfigError, DataError
+from semivss.errors import DataError
+from semivss.registry import FORMATS
 
 __all__ = [
     "CAMVID_CLASSES",
@@ -83,13 +59,15 @@ def _parse_camvid_name(path: Path) -> tuple[str, int]:
     return m.group("video"), int(m.group("index"))
 
 
-def load_camvid(root: str | Path, split: str) -> VideoSet:
-    """CamVid in the SegNet layout: `root/<split>/` frames + `root/<split>annot/` labels.
+@FORMATS.register("camvid")
+def load_camvid(root: str | Path, split: str | None = "train") -> VideoSet:
+    """CamVid in the SegNet layout: `root/<split>/` frames + `root/<split>annot/` labels
+    (`split` None = "train").
 
     Video = sequence name, index = 30 fps source frame number; labels 0..10 are classes, 11 (void)
-    and 255 map to 255 (SPEC section 4).
+    and 255 map to 255 (docs/protocols.md#61-camvid).
     """
-    root = Path(root)
+    root, split = Path(root), split or "train"
     img_dir, ann_dir = root / split, root / f"{split}annot"
     if not img_dir.is_dir():
         raise DataError(f"CamVid split folder not found: {img_dir}")
@@ -183,6 +161,8 @@ def _read_list(path: Path) -> list[str]:
     return names
 
 
+@FORMATS.register("folder")
+@FORMATS.register("synthetic")  # `semivss.data.synthetic` writes the folder format
 def load_folder(root: str | Path, split: str | None = None) -> VideoSet:
     """Generic folder format (layout in the module docstring); `split` names `root/<split>.txt`."""
     from semivss.data.video import probe_mp4
@@ -295,9 +275,11 @@ def _cityscapes_table() -> tuple[list[str], np.ndarray, np.ndarray]:
 _CS_NAME = re.compile(r"^(?P<city>[^_]+)_(?P<seq>\d+)_(?P<frame>\d+)_leftImg8bit$")
 
 
-def load_cityscapes(root: str | Path, split: str) -> VideoSet:
-    """Cityscapes video snippets with gtFine labelIds -> 19 trainIds (SPEC section 4)."""
-    root = Path(root)
+@FORMATS.register("cityscapes")
+def load_cityscapes(root: str | Path, split: str | None = "train") -> VideoSet:
+    """Cityscapes video snippets with gtFine labelIds -> 19 trainIds (docs/protocols.md#62-cityscapes);
+    `split` None = "train"."""
+    root, split = Path(root), split or "train"
     img_root = root / "leftImg8bit_sequence" / split
     if not img_root.is_dir():
         img_root = root / "leftImg8bit" / split
@@ -351,10 +333,12 @@ VSPW_CLASSES = [
 ]  # fmt: skip
 
 
-def load_vspw(root: str | Path, split: str) -> VideoSet:
+@FORMATS.register("vspw")
+def load_vspw(root: str | Path, split: str | None = "train") -> VideoSet:
     """VSPW: `<split>.txt` video names, `data/<video>/origin/*.jpg`, `data/<video>/mask/*.png`;
-    raw 0 and 255 -> 255 (254 too, seen in some releases), v -> v - 1 (SPEC section 4)."""
-    root = Path(root)
+    raw 0 and 255 -> 255 (254 too, seen in some releases), v -> v - 1 (docs/protocols.md#63-vspw);
+    `split` None = "train"."""
+    root, split = Path(root), split or "train"
     split_file = root / f"{split}.txt"
     if not split_file.is_file():
         raise DataError(f"VSPW split file not found: {split_file}")
@@ -380,17 +364,9 @@ def load_vspw(root: str | Path, split: str) -> VideoSet:
 
 # ---------------------------------------------------------------------------------------------
 
-FORMATS: dict[str, Callable[[Path, str | None], VideoSet]] = {
-    "camvid": lambda root, split: load_camvid(root, split or "train"),
-    "folder": load_folder,
-    "synthetic": load_folder,
-    "cityscapes": lambda root, split: load_cityscapes(root, split or "train"),
-    "vspw": lambda root, split: load_vspw(root, split or "train"),
-}
 
-
-def load_dataset(fmt: str, root: str | Path, split: str | None) -> VideoSet:
-    """Load `split` of the dataset at `root` in format `fmt` (one of :data:`FORMATS`)."""
-    if fmt not in FORMATS:
-        raise ConfigError(f"unknown dataset format {fmt!r}; choose one of {sorted(FORMATS)}")
-    return FORMATS[fmt](Path(root), split)
+def load_dataset(fmt: str, root: str | Path, split: str | None, key: str | None = None) -> VideoSet:
+    """Load `split` of the dataset at `root` in format `fmt` (a name registered in
+    :data:`semivss.registry.FORMATS`); an unknown `fmt` is a ConfigError naming `key`
+    (default `data.format`) and the available formats."""
+    return FORMATS.get(fmt, key=key)(Path(root), split)

@@ -1,13 +1,6 @@
 """Reader of a pseudo-label set written by ``semivss pseudo-label`` and the training dataset of
-its frames (SPEC 2.5 steps 3-4; PVUW 2024 seed, Eq. 1-2).
-
-Layout of a set (the shared contract)::
-
-    <set>/manifest.json    {"format": "semivss-pseudo-labels", "version": 1, "num_classes", "classes",
-                            "uncertainty": "entropy", "quantisation": {"dtype": "uint8", "max": log(C)},
-                            "frames": [{"video", "index"}, ...], ...}
-    <set>/labels/<video>/<index:08d>.png    uint8 argmax class id, at the frame's resolution
-    <set>/entropy/<video>/<index:08d>.png   uint8 q = round(255 H / max); H ~= q * max / 255 nats
+its frames (docs/methods.md#71-pseudo-label-sets; PVUW 2024 report, Eq. 1-2). The layout of a
+set (the shared contract) is in docs/protocols.md#7-pseudo-label-sets.
 
 :class:`PseudoLabeledFrames` yields the augmented image, the pseudo-label and the decoded entropy
 under ONE geometric augmentation (label and entropy resampled nearest); crop padding becomes
@@ -27,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from semivss.data.batch import PseudoBatch
 from semivss.data.clips import SampleIndex, _resolve, _U32
 from semivss.data.transforms import ClipAugment, StrongPhotometric, label_to_tensor, to_tensor
 from semivss.data.video import IGNORE_INDEX, FrameRef, VideoSet, read_raw_label_file
@@ -186,8 +180,8 @@ def read_pseudo_set(
     return out
 
 
-class PseudoLabeledFrames(Dataset[dict[str, torch.Tensor]]):
-    """Frames of a pseudo-label set with their pseudo-labels and entropy (SPEC 2.5 step 4).
+class PseudoLabeledFrames(Dataset[PseudoBatch]):
+    """Frames of a pseudo-label set with their pseudo-labels and entropy (Eq. (ST-4b)).
 
     ``__getitem__`` takes an index or ``(index, sample_seed)`` (as the clip datasets of
     :mod:`semivss.data.clips`: every random draw comes from ``np.random.default_rng(seed)``) and
@@ -229,7 +223,7 @@ class PseudoLabeledFrames(Dataset[dict[str, torch.Tensor]]):
     def __len__(self) -> int:
         return len(self.frames)
 
-    def __getitem__(self, item: SampleIndex) -> dict[str, torch.Tensor]:
+    def __getitem__(self, item: SampleIndex) -> PseudoBatch:
         idx, seed = _resolve(item)
         rng = np.random.default_rng(seed)
         ref = self.frames[idx]
@@ -240,12 +234,6 @@ class PseudoLabeledFrames(Dataset[dict[str, torch.Tensor]]):
         img, (lab, q_aug) = self.augment.image_with_masks(image, [label, q], int(rng.integers(_U32)))
         valid = lab != IGNORE_INDEX
         ent = np.where(valid, self.set.decode_entropy(q_aug), np.float32(np.inf)).astype(np.float32)
-        out = {
-            "image": to_tensor(img),
-            "label": label_to_tensor(lab),
-            "entropy": torch.from_numpy(ent),
-            "valid": torch.from_numpy(valid),
-        }
-        if self.use_strong:
-            out["strong"] = to_tensor(self.strong(img, int(rng.integers(_U32))))
-        return out
+        strong = [to_tensor(self.strong(img, int(rng.integers(_U32))))] if self.use_strong else []
+        return PseudoBatch(to_tensor(img), label_to_tensor(lab), torch.from_numpy(ent),
+                           torch.from_numpy(valid), strong)

@@ -1,24 +1,11 @@
-"""Label remapping by a lookup table (SPEC 2.5; PVUW 2024 seed, section 3.1: labels of other
-datasets are mapped to the target classes, classes without a target become 255).
+"""Label remapping by a lookup table (PVUW 2024 report, section 3.1: labels of other datasets are
+mapped to the target classes, classes without a target become 255).
 
 A :class:`LabelMap` maps source class ids ``0..253`` to target class ids ``0..C-1`` or ``255``
-(ignore); every source id it does not list maps to 255, and 255 stays 255. Files:
-
-YAML / JSON::
-
-    target_classes: [sky, road, car]        # names of the target classes, in id order
-    palette: [[70, 130, 180], ...]          # optional, one RGB colour per target class
-    map: {0: sky, 3: 1, 7: car, 9: 255}     # source id -> target id, target name, 255 or null
-
-CSV (``.csv``)::
-
-    src,tgt[,name]                          # optional header line
-    0,0,sky                                 # target id; the optional name names the target class
-    3,1,road
-
-A CSV file gives no class list: the target classes are ``0..max(tgt)`` (unless
-``target_classes`` is passed), named by the third column where given, else ``class<id>``.
-Validation errors (:class:`~semivss.errors.DataError`) name the file and the offending entry.
+(ignore); every source id it does not list maps to 255, and 255 stays 255. It is read from YAML /
+JSON (``target_classes``, optional ``palette``, ``map``) or CSV (``src,tgt[,name]``); file
+formats: docs/protocols.md#66-label-maps. Validation errors (:class:`~semivss.errors.DataError`)
+name the file and the offending entry.
 """
 
 from __future__ import annotations

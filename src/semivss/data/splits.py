@@ -1,4 +1,5 @@
-"""Which frames are labeled for training (SPEC sections 1 and 5).
+"""Which frames are labeled for training (docs/protocols.md#2-benchmark-camvid-ssvs) and offsets
+from the labeled frames (docs/methods.md#10-inner-video-overfitting).
 
 Positions are counted in a video's ordered list of *annotated* frames when choosing labeled
 frames (for CamVid every frame is annotated, so this is the ordered frame list); offsets from
@@ -42,7 +43,8 @@ def _make(videoset: VideoSet, chosen: list[FrameRef], how: str) -> Split:
 
 def every_kth(videoset: VideoSet, k: int, phase: int | None = None) -> Split:
     """camvid-ssvs 1/k protocol: within each video, annotated-frame position p is labeled when
-    p % k == phase (default k // 2); every other frame is unlabeled (SPEC section 5)."""
+    p % k == phase (default k // 2); every other frame is unlabeled
+    (docs/protocols.md#2-benchmark-camvid-ssvs)."""
     if k < 1:
         raise ConfigError(f"split.k must be >= 1, got {k}")
     phase = k // 2 if phase is None else phase
@@ -78,7 +80,7 @@ def all_labeled(videoset: VideoSet) -> Split:
 def nearest_labeled_offset(
     split: Split, videoset: VideoSet, unit: Literal["position", "index"] = "position"
 ) -> dict[FrameRef, int]:
-    """Signed offset of every frame from the nearest labeled frame of its video (SPEC section 1).
+    """Signed offset of every frame from the nearest labeled frame of its video (Eq. (OFF-1)).
 
     `unit="position"` counts frames in the video's ordered frame list, `"index"` counts source
     frame indices. Positive = after the labeled frame; ties go to the earlier labeled frame

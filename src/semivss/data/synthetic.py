@@ -1,4 +1,4 @@
-"""Procedural street-scene videos in the folder format (SPEC section 5, benchmark `synthetic`).
+"""Procedural street-scene videos in the folder format (docs/protocols.md#1-benchmark-synthetic).
 
 Each video has its own random layout: sky, buildings with windows, trees and grass, sidewalk,
 road with lane marks, poles, plus moving cars and walking people drawn with depth ordering. The

@@ -2,9 +2,9 @@
 
 `ClipAugment` applies ONE set of geometric parameters (rescale, crop, flip) to every frame and
 label of a clip, so that frames stay aligned with each other and with the labeled frame
-(SPEC section 5 camvid-ssvs recipe: resize to base size x U[0.5, 2.0], crop padded with ignore,
-horizontal flip). `StrongPhotometric` is the UniMatch "strong" colour distortion used for the
-distorted source frames of IFR (SPEC section 2.2). Everything is driven by an explicit seed.
+(docs/protocols.md#3-standard-cpu-budget: resize to base size x U[0.5, 2.0], crop padded with
+ignore, horizontal flip). `StrongPhotometric` is the UniMatch "strong" colour distortion used for the
+distorted source frames of IFR (docs/methods.md#3-ifr). Everything is driven by an explicit seed.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A `VideoSet` is an ordered collection of videos. Every frame is either an image 
 or a position in an mp4 file; any subset of frames carries a label PNG. Raw label values are
 mapped to class ids ``0..C-1`` or ``255`` (ignore) through a 256-entry lookup table; raw values
 the table does not know map to the sentinel :data:`UNKNOWN_LABEL` and make :meth:`read_label`
-raise a `DataError` naming the file and the values (SPEC section 4).
+raise a `DataError` naming the file and the values (docs/protocols.md#6-dataset-formats).
 """
 
 from __future__ import annotations

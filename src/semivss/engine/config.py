@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class OptimConfig(BaseModel):
-    """Optimiser (SPEC 2.2/2.5: SGD momentum 0.9 wd 1e-4 with head x10, or AdamW).
+    """Optimiser (SGD momentum 0.9 wd 1e-4 with head x10 as the reference video and image SSL
+    code, or AdamW as the PVUW 2024 recipe; docs/methods.md).
 
     ``lr`` is the base (backbone) learning rate; the head group of every trainable model gets
     ``lr * head_lr_mult``. All parameters are weight-decayed, as in the reference code.

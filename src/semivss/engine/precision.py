@@ -89,6 +89,8 @@ def images_channels_last(obj: Any) -> Any:
         if obj.dim() == 4 and obj.is_floating_point():
             return obj.contiguous(memory_format=torch.channels_last)
         return obj
+    if hasattr(obj, "map_tensors"):  # a typed batch (semivss.data.batch)
+        return obj.map_tensors(images_channels_last)
     if isinstance(obj, dict):
         return {k: images_channels_last(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

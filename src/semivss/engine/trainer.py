@@ -43,7 +43,6 @@ from semivss.engine.precision import Precision, images_channels_last, to_channel
 from semivss.engine.sampler import InfiniteBatchSampler
 from semivss.errors import ConfigError, DataError, TrainingError
 from semivss.methods.base import Method
-from semivss.models.ensemble import ProbAverage
 
 EvaluateFn = Callable[[nn.Module, int], Mapping[str, float]]
 
@@ -68,6 +67,13 @@ def seed_worker(worker_id: int) -> None:
     np.random.seed(s)
 
 
+def collate_any(samples: list[Any]) -> Any:
+    """Default collate: samples with a ``collate`` classmethod (typed batches) stack themselves,
+    anything else goes through ``torch.utils.data.default_collate``."""
+    collate = getattr(type(samples[0]), "collate", None) if samples else None
+    return collate(samples) if collate is not None else default_collate(samples)
+
+
 def _plain(obj: Any, where: str) -> Any:
     """``obj`` made of weights_only-loadable values (Path -> str, numpy scalars -> python)."""
     if obj is None or isinstance(obj, (bool, int, float, str)):
@@ -89,9 +95,39 @@ def _plain(obj: Any, where: str) -> Any:
         return type(obj)(_plain(v, f"{where}[{i}]") for i, v in enumerate(obj))
     raise ConfigError(f"{where}: a value of type {type(obj).__name__} cannot be stored in a checkpoint")
 
-#: Checkpoint keys only a resume needs: ``best.pt`` leaves them out (a U2PL memory bank alone is
-#: ~330 MB on CamVid), ``last.pt`` keeps everything.
+#: Checkpoint keys only a resume needs: ``best.pt`` leaves them out (a method's memory bank
+#: alone can be ~330 MB on CamVid), ``last.pt`` keeps everything.
 RESUME_ONLY: frozenset[str] = frozenset({"optimizer", "scheduler", "scaler", "method", "rng"})
+
+
+class _Window:
+    """Loss terms, learning rate and busy time summed over the iterations since the last log."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count, self.busy, self.lr_sum = 0, 0.0, 0.0
+
+    def add(self, losses: Mapping[str, torch.Tensor], lr: float, t0: float) -> None:
+        """One iteration that started at ``time.perf_counter() == t0``."""
+        self.lr_sum += lr
+        for k, v in losses.items():
+            v = v.detach().float().mean()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.count += 1
+        self.busy += time.perf_counter() - t0
+
+    def flush(self) -> dict[str, float]:
+        """The means (loss terms averaged over ranks: collective), ``lr`` and ``it_s``; resets."""
+        keys = list(self.sums)
+        means = all_reduce_mean(torch.stack([self.sums[k] for k in keys]) / self.count)
+        scalars = {k: float(v) for k, v in zip(keys, means.tolist())}
+        scalars["lr"] = self.lr_sum / self.count
+        scalars["it_s"] = self.count / max(self.busy, 1e-9)
+        self.reset()
+        return scalars
 
 
 class Trainer:
@@ -105,8 +141,9 @@ class Trainer:
     inference model (eval mode, under ``torch.no_grad``) and the number of completed iterations;
     it runs on rank 0 only (pass the same ``evaluate_fn``-or-None on every rank). ``meta`` (model
     config, class names, palette, ...) is stored in every checkpoint so that the model can be
-    rebuilt from the checkpoint alone; the trainer adds ``meta["inference_model"]``, the name of
-    the entry of ``checkpoint["models"]`` that ``method.inference_model`` returns.
+    rebuilt from the checkpoint alone; the trainer adds ``meta["export"]``, the method's
+    ``export_spec`` (``{"members": [names in checkpoint["models"]], "combine": ...}``), from which
+    ``method.inference_model`` (evaluated and exported to ``model.safetensors``) is built.
     """
 
     def __init__(
@@ -130,11 +167,9 @@ class Trainer:
     ) -> None:
         if "labeled" not in train_sets:
             raise ConfigError("train sets: a 'labeled' dataset is required")
-        spec = method.data_spec()
-        if spec.unlabeled_frames > 0 and "unlabeled" not in train_sets:
-            raise ConfigError(
-                f"method '{method.name}' needs unlabeled frames but no 'unlabeled' train set was given"
-            )
+        missing = [k for k in method.data_spec().keys if k not in train_sets]
+        if missing:
+            raise ConfigError(f"method '{method.name}' needs the train sets {missing}, which were not given")
         for key, ds in train_sets.items():
             size = batch_sizes.get(key)
             if size is None or int(size) < 1:
@@ -153,7 +188,7 @@ class Trainer:
         self.metric = metric
         self.meta = _plain(dict(meta or {}), "meta")
         self.device_name = device
-        self.collate_fn = collate_fn or default_collate
+        self.collate_fn = collate_fn or collate_any
         self.tensorboard = tensorboard
         self.progress = progress
         self.models: nn.ModuleDict | None = None  # unwrapped models, available after fit()
@@ -347,20 +382,36 @@ class Trainer:
             )
         return metrics
 
-    # ------------------------------------------------------------------ loop
-    def fit(self, resume: bool = False) -> dict[str, float]:
-        """Train for ``schedule.iters`` iterations (continuing ``checkpoints/last.pt`` when
-        ``resume``); returns the final evaluation metrics (the last logged training scalars when
-        there is no ``evaluate_fn``)."""
+    # ------------------------------------------------------------------ run setup
+    def _setup(self, resume: bool) -> int:
+        """Everything before the first iteration: distributed init, output-directory check,
+        backends, the models (identical initialisation on every rank), optimiser, schedule and
+        precision; then ``last.pt`` restored when ``resume``, else the training RNG seeded.
+        Returns the first step to run."""
         info = init_distributed()
         self._rank, self._world = info.rank, info.world_size
         self._device = pick_device(self.device_name)
         self._check_out_dir(resume, self._rank)
         self._setup_backends(self._device)
-        cfg, max_steps = self.cfg, self.schedule_cfg.iters
+        seed_everything(self.cfg.seed)  # identical model initialisation on every rank
+        trainable = self._build_models()
+        self._optimizer = build_optimizer(self._raw, trainable, self.optim_cfg)
+        self._scheduler = build_scheduler(self._optimizer, self.schedule_cfg)
+        self._precision = Precision.from_config(self.cfg.precision, self._device)
+        self.best = {"metric": self.metric, "value": None, "step": None}
+        self._metrics: dict[str, float] = {}  # the last evaluation results
+        self._scalars: dict[str, float] = {}  # the last logged training scalars
+        if resume:
+            start, self._metrics = self._load(self._rank)
+            return start
+        seed_everything(derive_seed(self.cfg.seed, "train", self._rank))
+        return 0
 
-        # identical model initialisation on every rank
-        seed_everything(cfg.seed)
+    def _build_models(self) -> list[str]:
+        """The method's models on the device (``self._raw``, also ``self.models``), wrapped in DDP
+        where trained on several ranks (``self._train_models``), and ``meta["export"]``, the
+        method's :class:`~semivss.models.ensemble.ExportSpec`. Returns the trainable names."""
+        cfg = self.cfg
         models = self.method.build_models(self.make_model)
         if not isinstance(models, nn.ModuleDict):
             raise TypeError(f"{type(self.method).__name__}.build_models must return an nn.ModuleDict")
@@ -382,28 +433,87 @@ class Trainer:
                     find_unused_parameters=cfg.find_unused_parameters,
                 )
             train_models[name] = module
-        self._raw, self.models = models, models
-        inference = self.method.inference_model(models)
-        if "inference_model" not in self.meta:  # which checkpoint entries to rebuild it from
-            for name, module in models.items():
-                if module is inference:
-                    self.meta["inference_model"] = name
-            if isinstance(inference, ProbAverage):
-                names = [next((n for n, m in models.items() if m is net), None)
-                         for net in inference.nets]
-                if all(n is not None for n in names):
-                    self.meta["inference_model"] = names
-        self._optimizer = build_optimizer(models, trainable, self.optim_cfg)
-        self._scheduler = build_scheduler(self._optimizer, self.schedule_cfg)
-        self._precision = Precision.from_config(cfg.precision, self._device)
-        self.best = {"metric": self.metric, "value": None, "step": None}
+        self._raw, self.models, self._train_models = models, models, train_models
+        spec = self.method.export_spec(models)
+        unknown = [n for n in spec.members if n not in models]
+        if unknown:
+            raise ConfigError(
+                f"method '{self.method.name}' exports models {unknown} it does not build "
+                f"({sorted(models)})"
+            )
+        self.meta["export"] = spec.to_meta()  # how to rebuild the inference model
+        return trainable
 
-        start, metrics = 0, {}
-        if resume:
-            start, metrics = self._load(self._rank)
-        else:
-            seed_everything(derive_seed(cfg.seed, "train", self._rank))
+    # ------------------------------------------------------------------ one iteration
+    def _train_step(self, step: int, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], float]:
+        """The method's losses (under autocast), backward, optional gradient clipping, optimiser,
+        schedule and ``on_step_end``. Returns the losses and the learning rate of this step."""
+        with self._precision.autocast():
+            losses = self.method.training_step(self._train_models, batch, step, self.schedule_cfg.iters)
+        if "loss" not in losses:
+            raise TrainingError(
+                f"{type(self.method).__name__}.training_step returned no 'loss' "
+                f"(keys: {sorted(losses)})"
+            )
+        self._check_finite(step, losses)
+        self._optimizer.zero_grad(set_to_none=True)
+        scaler = self._precision.scaler
+        scaler.scale(losses["loss"].float()).backward()
+        if self.cfg.grad_clip is not None:
+            scaler.unscale_(self._optimizer)
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in self._optimizer.param_groups for p in g["params"]], self.cfg.grad_clip
+            )
+        lr = self._optimizer.param_groups[0]["lr"]
+        scaler.step(self._optimizer)
+        scaler.update()
+        self._scheduler.step()
+        self.method.on_step_end(self._train_models, step)
+        return losses, lr
 
+    # ------------------------------------------------------------------ after an iteration
+    def _maybe_log(self, done: int, window: _Window, logger: TrainLogger) -> None:
+        """Every ``log_interval`` iterations and after the last: the window's means (loss terms
+        averaged over ranks) go to the logger and ``self._scalars``."""
+        if done % self.cfg.log_interval == 0 or done == self.schedule_cfg.iters:
+            self._scalars = window.flush()
+            logger.log_train(done, self._scalars)
+
+    def _maybe_evaluate(self, done: int, logger: TrainLogger) -> bool:
+        """Every ``eval_interval`` iterations and after the last (with an ``evaluate_fn``):
+        evaluate, log, track the best value. True when ``best.pt`` should be written."""
+        if self.evaluate_fn is None:
+            return False
+        interval = self.cfg.eval_interval
+        if not (done == self.schedule_cfg.iters or (interval > 0 and done % interval == 0)):
+            return False
+        self._metrics = self._evaluate(done)
+        logger.log_eval(done, self._metrics)
+        value = self._metrics[self.metric]
+        if self.best["value"] is None or value > self.best["value"]:
+            self.best = {"metric": self.metric, "value": value, "step": done}
+            return self.cfg.keep_best
+        return False
+
+    def _maybe_checkpoint(self, done: int, new_best: bool) -> None:
+        """``best.pt`` on a new best (weights for evaluation; the training state lives in
+        ``last.pt`` only); ``last.pt`` every ``ckpt_interval`` iterations and after the last."""
+        save_last = done % self.cfg.ckpt_interval == 0 or done == self.schedule_cfg.iters
+        if not (new_best or save_last):
+            return
+        state = self._state(done, self._metrics)
+        if new_best:
+            self._save(self.best_path, {k: v for k, v in state.items() if k not in RESUME_ONLY})
+        if save_last:
+            self._save(self.last_path, state)
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, resume: bool = False) -> dict[str, float]:
+        """Train for ``schedule.iters`` iterations (continuing ``checkpoints/last.pt`` when
+        ``resume``); returns the final evaluation metrics (the last logged training scalars when
+        there is no ``evaluate_fn``)."""
+        start = self._setup(resume)
+        max_steps = self.schedule_cfg.iters
         logger = TrainLogger(
             self.out_dir,
             max_steps,
@@ -414,73 +524,21 @@ class Trainer:
             progress=self.progress,
         )
         iters: dict[str, Any] = {}
-        last_scalars: dict[str, float] = {}
         try:
             if start < max_steps:
                 iters = self._build_loaders(start, self._rank, self._world)
-            train_models.train()
-            sums: dict[str, torch.Tensor] = {}
-            count, busy, lr_sum = 0, 0.0, 0.0
+            self._train_models.train()
+            window = _Window()
             for step in range(start, max_steps):
                 t0 = time.perf_counter()
                 batch = {k: self._to_device(next(it)) for k, it in iters.items()}
-                with self._precision.autocast():
-                    losses = self.method.training_step(train_models, batch, step, max_steps)
-                if "loss" not in losses:
-                    raise TrainingError(
-                        f"{type(self.method).__name__}.training_step returned no 'loss' "
-                        f"(keys: {sorted(losses)})"
-                    )
-                loss = losses["loss"]
-                self._check_finite(step, losses)
-                self._optimizer.zero_grad(set_to_none=True)
-                scaler = self._precision.scaler
-                scaler.scale(loss.float()).backward()
-                if cfg.grad_clip is not None:
-                    scaler.unscale_(self._optimizer)
-                    torch.nn.utils.clip_grad_norm_(
-                        [p for g in self._optimizer.param_groups for p in g["params"]], cfg.grad_clip
-                    )
-                lr_sum += self._optimizer.param_groups[0]["lr"]
-                scaler.step(self._optimizer)
-                scaler.update()
-                self._scheduler.step()
-                self.method.on_step_end(train_models, step)
-                for k, v in losses.items():
-                    v = v.detach().float().mean()
-                    sums[k] = sums[k] + v if k in sums else v
-                count += 1
-                busy += time.perf_counter() - t0
+                losses, lr = self._train_step(step, batch)
+                window.add(losses, lr, t0)
                 done = step + 1
                 logger.advance(done)
-
-                if done % cfg.log_interval == 0 or done == max_steps:
-                    keys = list(sums)
-                    means = all_reduce_mean(torch.stack([sums[k] for k in keys]) / count)
-                    last_scalars = {k: float(v) for k, v in zip(keys, means.tolist())}
-                    last_scalars["lr"] = lr_sum / count
-                    last_scalars["it_s"] = count / max(busy, 1e-9)
-                    logger.log_train(done, last_scalars)
-                    sums, count, busy, lr_sum = {}, 0, 0.0, 0.0
-
-                new_best = False
-                if self.evaluate_fn is not None and (
-                    done == max_steps or (cfg.eval_interval > 0 and done % cfg.eval_interval == 0)
-                ):
-                    metrics = self._evaluate(done)
-                    logger.log_eval(done, metrics)
-                    value = metrics[self.metric]
-                    if self.best["value"] is None or value > self.best["value"]:
-                        self.best = {"metric": self.metric, "value": value, "step": done}
-                        new_best = cfg.keep_best
-                save_last = done % cfg.ckpt_interval == 0 or done == max_steps
-                if new_best or save_last:
-                    state = self._state(done, metrics)
-                    if new_best:  # weights for evaluation; training state lives in last.pt only
-                        self._save(self.best_path, {k: v for k, v in state.items() if k not in RESUME_ONLY})
-                    if save_last:
-                        self._save(self.last_path, state)
-                    del state
+                self._maybe_log(done, window, logger)
+                new_best = self._maybe_evaluate(done, logger)
+                self._maybe_checkpoint(done, new_best)
             self._export(max_steps)
             barrier()
         finally:
@@ -489,7 +547,7 @@ class Trainer:
                 if shutdown is not None:
                     shutdown()
             logger.close()
-        return metrics if self.evaluate_fn is not None else last_scalars
+        return self._metrics if self.evaluate_fn is not None else self._scalars
 
     def _check_finite(self, step: int, losses: Mapping[str, torch.Tensor]) -> None:
         """Raise TrainingError naming the step and every loss term when the total is not finite

@@ -15,16 +15,16 @@ def _positive_pair(v: tuple[int, int] | None, name: str) -> tuple[int, int] | No
 
 
 class EvalConfig(BaseModel):
-    """How frames are fed to the model at evaluation time (SPEC section 5).
+    """How frames are fed to the model at evaluation time (docs/protocols.md#5-evaluation).
 
     ``mode="whole"``: frames resized to ``size`` (H, W) before the model (``None``: original
     resolution); logits upsampled bilinearly to the label's resolution. ``mode="slide"``: windows of
     ``window`` every ``stride`` on the image resized to ``size`` (or at original resolution),
-    logits averaged where windows overlap. ``vc``: window lengths of VC_n (SPEC section 3).
+    logits averaged where windows overlap. ``vc``: window lengths of VC_n (Eq. (MET-5)).
     ``amp``: bf16 autocast on CPU, fp16 on CUDA. ``scales`` x ``flip``: test-time augmentation
-    (SPEC section 2.5 steps 2 and 5): the model input size is ``size`` (or the original size) times
-    each scale, optionally also horizontally flipped; each view's softmax at the output resolution
-    is averaged. ``(1.0,)`` without flip is plain single-scale inference.
+    (docs/methods.md#8-test-time-augmentation-and-ensembles): the model input size is ``size``
+    (or the original size) times each scale, optionally also horizontally flipped; each view's
+    softmax at the output resolution is averaged. ``(1.0,)`` without flip is plain single-scale inference.
     """
 
     model_config = ConfigDict(extra="forbid")

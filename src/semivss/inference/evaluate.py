@@ -1,10 +1,11 @@
 """Evaluation loop: mIoU family, VC_n and the per-offset analysis over annotated frames.
 
-Implements the protocol of SPEC sections 3 and 5: frames fed at ``cfg.size``, logits upsampled to
-the full-resolution label, one confusion matrix over all frames, VC_n over each video's annotated
-frames in order, and (optionally) per-frame confusion matrices pooled by offset (SPEC section 1).
-Predictions go through a :class:`~semivss.inference.predict.Predictor`, so multi-scale + flip TTA
-and checkpoint ensembles (SPEC section 2.5, step 5) work here too.
+Implements docs/protocols.md#5-evaluation: frames fed at ``cfg.size``, logits upsampled to the
+full-resolution label, one confusion matrix over all frames (docs/methods.md#9-metrics), VC_n over
+each video's annotated frames in order, and (optionally) per-frame confusion matrices pooled by
+offset (docs/methods.md#10-inner-video-overfitting). Predictions go through a
+:class:`~semivss.inference.predict.Predictor`, so multi-scale + flip TTA and checkpoint ensembles
+work here too.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 from semivss.errors import DataError
 from semivss.inference.config import EvalConfig
 from semivss.inference.predict import Predictor, as_predictor
+from semivss.inference.video_predictor import VideoPredictor, run_videos
 from semivss.inference.writers import check_new_output, save_label_png
 from semivss.metrics.confusion import ConfusionMatrix
 from semivss.metrics.offset import OffsetTable, offset_table
@@ -166,8 +168,41 @@ def _sum_over_ranks(value: int) -> int:
     return int(t.item())
 
 
+def temporal_context(videoset: Any, frames: Iterable[Hashable]) -> list[Any]:
+    """Frames a temporal predictor must also see to predict ``frames``: every other frame of each
+    of their videos, from the video's first frame up to its last frame in ``frames``."""
+    last: dict[str, int] = {}
+    for r in frames:
+        last[r.video] = max(last.get(r.video, r.index), r.index)  # type: ignore[attr-defined]
+    wanted = set(frames)
+    return [f.ref for name, hi in last.items() for f in videoset.video(name).frames
+            if f.index <= hi and f.ref not in wanted]
+
+
+def _in_order(items: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
+    """``items`` unchanged, checked to come video by video and by increasing index (VC_n and
+    temporal predictors need it); DataError naming the first frame out of order."""
+    last_index: dict[str, int] = {}
+    prev_video = ""
+    for item in items:
+        video, index = str(item["video"]), int(item["index"])
+        if video in last_index and index <= last_index[video]:
+            raise DataError(
+                f"frame {video}/{index} comes after {video}/{last_index[video]}: evaluation "
+                "frames must be ordered by index within each video (VC_n needs it)"
+            )
+        if video in last_index and video != prev_video:
+            raise DataError(
+                f"frame {video}/{index}: the frames of video {video!r} are not contiguous "
+                "(evaluation frames must be ordered by video, then index)"
+            )
+        last_index[video] = index
+        prev_video = video
+        yield item
+
+
 def evaluate_items(
-    model: nn.Module | Predictor,
+    model: nn.Module | VideoPredictor,
     items: Iterable[Mapping[str, Any]],
     class_names: Sequence[str],
     cfg: EvalConfig,
@@ -187,11 +222,13 @@ def evaluate_items(
 
     Each item is a dict with ``image`` (3, h, w) normalised, ``label`` (H, W) at original
     resolution, ``video``, ``index`` and optionally ``has_label`` (frames without a label are
-    predicted, and saved with ``save_dir``, but not scored); items come ordered by video, then
-    index. ``model`` is a model (run with ``cfg``, TTA included) or a :class:`Predictor` (an
-    ensemble; ``cfg`` then gives only ``batch_size`` and ``vc``); images must be prepared at
-    ``predictor.input_size``. Consecutive frames with equal input and label sizes are batched (up
-    to ``cfg.batch_size``); predictions are made at each frame's label size.
+    predicted, and saved with ``save_dir``, but not scored) and ``scored`` (False: a frame only a
+    temporal predictor needs, neither saved nor scored); items come ordered by video, then index.
+    ``model`` is a model (run with ``cfg``, TTA included) or a ``VideoPredictor`` (an ensemble, a
+    temporal model; ``cfg`` then gives only ``batch_size`` and ``vc``); images must be prepared at
+    ``predictor.input_size``. The predictor is reset at each video and gets up to
+    ``cfg.batch_size`` consecutive frames of one video at a time; predictions are made at each
+    frame's label size.
     """
     device = torch.device(device)
     predictor = as_predictor(model, cfg)
@@ -210,19 +247,16 @@ def evaluate_items(
         if palette is None:
             raise ValueError("save_dir needs a palette")
         out_dir = check_new_output(save_dir, overwrite)
-    last_index: dict[str, int] = {}
-    prev_video = ""
     scored: list[str | None] = [None]  # video of the last scored frame
     n_frames = 0
     start = time.perf_counter()
 
-    def flush(batch: list[Mapping[str, Any]]) -> None:
+    def score(batch: list[Mapping[str, Any]], preds: Tensor) -> None:
         nonlocal n_frames
-        images = torch.stack([torch.as_tensor(b["image"]) for b in batch]).to(device)
-        out_size = tuple(torch.as_tensor(batch[0]["label"]).shape[-2:])
-        preds, _ = predictor.predict(images, (int(out_size[0]), int(out_size[1])))
         preds = preds.to("cpu")
         for j, item in enumerate(batch):
+            if not bool(item.get("scored", True)):
+                continue  # a frame the (temporal) predictor needed: neither written nor scored
             label = _as_label(item["label"])
             video, index = str(item["video"]), int(item["index"])
             pred = preds[j]
@@ -247,34 +281,16 @@ def evaluate_items(
                 raise DataError(f"frame {video}/{index}: {e}") from e
             n_frames += 1
 
-    def sizes(item: Mapping[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        return (tuple(torch.as_tensor(item["image"]).shape),
-                tuple(torch.as_tensor(item["label"]).shape[-2:]))
-
     with predictor.eval_mode(), make_progress(progress) as bar:
         task = bar.add_task(f"eval {subset}", total=total)
-        batch: list[Mapping[str, Any]] = []
-        for item in items:
-            video, index = str(item["video"]), int(item["index"])
-            if video in last_index and index <= last_index[video]:
-                raise DataError(
-                    f"frame {video}/{index} comes after {video}/{last_index[video]}: evaluation "
-                    "frames must be ordered by index within each video (VC_n needs it)"
-                )
-            if video in last_index and video != prev_video:
-                raise DataError(
-                    f"frame {video}/{index}: the frames of video {video!r} are not contiguous "
-                    "(evaluation frames must be ordered by video, then index)"
-                )
-            last_index[video] = index
-            prev_video = video
-            if batch and (len(batch) == cfg.batch_size or sizes(batch[0]) != sizes(item)):
-                flush(batch)
-                bar.advance(task, len(batch))
-                batch = []
-            batch.append(item)
-        if batch:
-            flush(batch)
+        batches = run_videos(
+            predictor, _in_order(items), video=lambda it: str(it["video"]),
+            image=lambda it: torch.as_tensor(it["image"]),
+            out_size=lambda it: tuple(int(v) for v in torch.as_tensor(it["label"]).shape[-2:]),
+            batch_size=cfg.batch_size, device=device,
+        )
+        for batch, preds, _ in batches:
+            score(batch, preds)
             bar.advance(task, len(batch))
 
     if all_reduce:
@@ -329,8 +345,10 @@ def evaluate(
     """Evaluate ``model`` on the annotated ``frames`` (``FrameRef`` list) of ``videoset``.
 
     ``model``: one model run with ``cfg`` (including its TTA ``scales``/``flip``), or a
-    :class:`Predictor` (ensemble; ``cfg`` then only gives ``batch_size`` and ``vc``). Frames are
-    read through ``semivss.data.clips.EvalFrames(videoset, frames, predictor.input_size)``.
+    ``VideoPredictor`` (ensemble, temporal model; ``cfg`` then only gives ``batch_size`` and
+    ``vc``). Frames are read through ``semivss.data.clips.EvalFrames``; a temporal predictor also
+    steps through the other frames of each video up to its last evaluated frame
+    (:func:`temporal_context`), which are neither scored nor saved.
     Returns an :class:`EvalResult` with mIoU, fwIoU, pixel accuracy, per-class IoU, VC_n and, when
     ``offsets`` (frame -> signed offset from the nearest labeled frame) is given, the per-offset
     table of ``subset`` / ``model_name``. ``save_dir``: prediction PNGs
@@ -341,7 +359,8 @@ def evaluate(
     from semivss.data.clips import EvalFrames
 
     predictor = as_predictor(model, cfg)
-    ds = EvalFrames(videoset, list(frames), predictor.input_size)
+    context = temporal_context(videoset, frames) if predictor.temporal else []
+    ds = EvalFrames(videoset, list(frames), predictor.input_size, context=context)
     items: Iterable[Mapping[str, Any]]
     if num_workers > 0:
         items = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False,

@@ -1,11 +1,12 @@
-"""Whole-image and sliding-window prediction (SPEC section 5), with TTA / ensemble wrappers.
+"""Whole-image and sliding-window prediction, with TTA / ensemble wrappers.
 
 Everything is built around a *probability function* ``probs(images, out_size) -> (B, C, H, W)``
-softmax probabilities; multi-scale + flip test-time augmentation and model ensembles (SPEC section
-2.5, steps 2 and 5) average such functions. :class:`Predictor` is the one evaluate, predict and
-pseudo-labelling run through: members ``(model, EvalConfig)`` with weights, each member's TTA views
-(``cfg.scales`` x ``cfg.flip``) softmaxed at the output resolution and averaged, then the members
-averaged with their normalised weights.
+softmax probabilities; multi-scale + flip test-time augmentation and model ensembles
+(docs/methods.md#8-test-time-augmentation-and-ensembles) average such functions.
+:class:`Predictor` is the one evaluate, predict and pseudo-labelling run through: members
+``(model, EvalConfig)`` with weights, each member's TTA views (``cfg.scales`` x ``cfg.flip``)
+softmaxed at the output resolution and averaged, then the members averaged with their normalised
+weights.
 """
 
 from __future__ import annotations
@@ -14,12 +15,17 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from semivss.errors import ConfigError
+from semivss.ops import resize
+
+if TYPE_CHECKING:
+    from semivss.inference.video_predictor import VideoPredictor
 from semivss.inference.config import EvalConfig
 
 ProbFn = Callable[[Tensor, tuple[int, int]], Tensor]
@@ -57,11 +63,7 @@ def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def upsample(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear resize (align_corners=False) of a (B, C, h, w) tensor; no-op at equal size."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+upsample = resize  # the shared bilinear resize (semivss.ops), under its historical name here
 
 
 def _forward(model: nn.Module, x: Tensor, amp: bool) -> Tensor:
@@ -135,7 +137,7 @@ def predict_probs(
     """Softmax probabilities (B, C, H, W) float32 at ``out_size`` of normalised ``images``.
 
     Logits are upsampled to the model input size, then bilinearly to ``out_size``, then softmaxed
-    (SPEC section 5). ``model`` should be in eval mode (see :func:`eval_mode`).
+    (docs/protocols.md#5-evaluation). ``model`` should be in eval mode (see :func:`eval_mode`).
     """
     with torch.inference_mode():
         logits = upsample(input_logits(model, images, cfg, scale), out_size)
@@ -175,7 +177,7 @@ class Member:
 
 
 class Predictor:
-    """Averaged per-pixel class distribution of an ensemble of models with TTA (SPEC 2.5, step 2).
+    """Averaged per-pixel class distribution of an ensemble of models with TTA (Eq. (TTA-1)-(TTA-2)).
 
     For each member: every view (scale s in ``cfg.scales``, and its horizontal flip when
     ``cfg.flip``) gives logits at the member's input size ``cfg.size * s`` (whole or sliding
@@ -200,6 +202,18 @@ class Predictor:
         raw = [m.weight for m in ms] if weights is None else weights
         norm = normalise_weights(raw, len(ms))
         self.members = [Member(m.model, m.cfg, w, m.name) for m, w in zip(ms, norm)]
+
+    #: stateless: each frame is predicted on its own (the ``VideoPredictor`` contract)
+    temporal = False
+
+    def reset(self) -> None:
+        """Start of a new video: nothing to forget (``VideoPredictor`` contract)."""
+
+    def step(
+        self, images: Tensor, out_size: tuple[int, int], with_probs: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """``VideoPredictor.step``: the frames predicted independently (:meth:`predict`)."""
+        return self.predict(images, out_size, with_probs)
 
     @classmethod
     def single(cls, model: nn.Module, cfg: EvalConfig) -> Predictor:
@@ -296,9 +310,15 @@ class Predictor:
         return labels, probs if with_probs else None
 
 
-def as_predictor(model: nn.Module | Predictor, cfg: EvalConfig) -> Predictor:
-    """``model`` itself when it is a :class:`Predictor`, else the single model with ``cfg``."""
-    return model if isinstance(model, Predictor) else Predictor.single(model, cfg)
+def as_predictor(model: nn.Module | VideoPredictor, cfg: EvalConfig) -> VideoPredictor:
+    """``model`` itself when it already is a ``VideoPredictor`` (a :class:`Predictor`, a
+    temporal predictor, a video model built by a method's export), else the per-frame network
+    with ``cfg``."""
+    from semivss.inference.video_predictor import VideoPredictor
+
+    if isinstance(model, VideoPredictor):
+        return model
+    return Predictor.single(model, cfg)
 
 
 def make_prob_fn(
@@ -310,7 +330,7 @@ def make_prob_fn(
     """A probability function averaging the softmax over ``scales`` x (identity, h-flip).
 
     With the defaults it is exactly :func:`predict_probs`; multi-scale + flip is the TTA of
-    SPEC section 2.5 (step 2): probabilities resized back to ``out_size`` and averaged.
+    Eq. (TTA-1): probabilities resized back to ``out_size`` and averaged.
     """
     if not scales:
         raise ConfigError("scales must not be empty")
@@ -323,7 +343,7 @@ def make_prob_fn(
 
 
 def ensemble(fns: Sequence[ProbFn], weights: Sequence[float] | None = None) -> ProbFn:
-    """Weighted average of several probability functions (SPEC section 2.5, step 2); weights are
+    """Weighted average of several probability functions (Eq. (TTA-2)); weights are
     normalised (:func:`normalise_weights`)."""
     if not fns:
         raise ConfigError("ensemble needs at least one probability function")

@@ -1,18 +1,11 @@
-"""Offline pseudo-labelling of unlabeled frames (SPEC section 2.5, steps 2 and 3).
+"""Offline pseudo-labelling of unlabeled frames (docs/methods.md#71-pseudo-label-sets).
 
 Every frame gets the argmax of the averaged class distribution of a :class:`Predictor` (an
 ensemble of checkpoints, each with multi-scale + flip TTA) at the frame's original resolution, and
-the per-pixel entropy ``H = -sum_c p_c ln p_c`` of that distribution, quantised to uint8. The set
-on disk (the contract read by the student fine-tuning method)::
-
-    <set>/manifest.json                       what was labelled, how, and with which models
-    <set>/labels/<video>/<index:08d>.png      uint8 class ids (argmax), original resolution
-    <set>/entropy/<video>/<index:08d>.png     uint8 q = round(255 H / ln C)  (|H - q ln C / 255| <= ln C / 510)
-
-A frame is done when its label PNG exists: the entropy PNG is written first, the label PNG last,
-each atomically (temporary file + ``os.replace``), so an interrupted run resumes without writing
-any finished frame again. Under ``torchrun`` the frame list is sharded over ranks
-(:func:`shard_frames`); rank 0 owns the manifest.
+the per-pixel entropy of that distribution quantised to uint8 (Eq. (ST-1)-(ST-2)). The set on disk
+(layout: docs/protocols.md#7-pseudo-label-sets) is written frame by frame, the label PNG last and
+atomically, so an interrupted run resumes without writing any finished frame again. Under
+``torchrun`` the frame list is sharded over ranks (:func:`shard_frames`); rank 0 owns the manifest.
 """
 
 from __future__ import annotations
@@ -38,7 +31,8 @@ from semivss.engine import dist
 from semivss.engine.checkpoint import atomic_write
 from semivss.errors import ConfigError, DataError, SemivssError
 from semivss.inference.evaluate import make_progress
-from semivss.inference.predict import Predictor, ProbFn
+from semivss.inference.predict import ProbFn
+from semivss.inference.video_predictor import VideoPredictor, run_videos
 from semivss.inference.writers import OutputExistsError
 
 __all__ = [
@@ -75,7 +69,7 @@ T = TypeVar("T")
 
 def entropy(probs: Tensor) -> Tensor:
     """Per-pixel entropy ``H = -sum_c p_c ln p_c`` (nats) of ``(..., C, H, W)`` probabilities
-    (SPEC section 2.5, step 3; ``0 ln 0 = 0``)."""
+    (Eq. (ST-1); ``0 ln 0 = 0``)."""
     return torch.special.entr(probs.float()).sum(dim=-3)
 
 
@@ -274,11 +268,46 @@ class _FrameImages(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return i, to_tensor(self.resize(image)), (int(image.shape[0]), int(image.shape[1]))
 
 
+class _ProbFnPredictor:
+    """A plain probability function as a stateless ``VideoPredictor``."""
+
+    temporal = False
+
+    def __init__(self, fn: ProbFn, input_size: tuple[int, int] | None) -> None:
+        self.fn, self.input_size = fn, input_size
+
+    def reset(self) -> None:
+        pass
+
+    def eval_mode(self) -> contextlib.AbstractContextManager[object]:
+        return contextlib.nullcontext()
+
+    def step(self, images: Tensor, out_size: tuple[int, int],
+             with_probs: bool = False) -> tuple[Tensor, Tensor | None]:
+        with torch.inference_mode():
+            probs = self.fn(images, out_size)
+            return probs.argmax(1), probs
+
+
+def _frames_to_run(predictor: VideoPredictor, videoset: Any,
+                   todo: list[FrameRef]) -> list[tuple[FrameRef, bool]]:
+    """``(frame, write)`` in the order the predictor sees them: the frames to write, and for a
+    temporal predictor also every earlier frame of their videos (stepped, not written)."""
+    if not predictor.temporal:
+        return [(r, True) for r in todo]
+    want = set(todo)
+    last: dict[str, int] = {}
+    for r in todo:
+        last[r.video] = max(last.get(r.video, r.index), r.index)
+    return [(f.ref, f.ref in want) for name, hi in last.items()
+            for f in videoset.video(name).frames if f.index <= hi]
+
+
 # ----------------------------------------------------------------------------- main loop
 
 
 def pseudo_label(
-    predictor: Predictor | ProbFn,
+    predictor: VideoPredictor | ProbFn,
     videoset: Any,
     frames: Sequence[FrameRef],
     out_dir: str | Path,
@@ -297,10 +326,12 @@ def pseudo_label(
     rank: int | None = None,
     world_size: int | None = None,
 ) -> dict[str, Any]:
-    """Label ``frames`` of ``videoset`` into the set ``out_dir`` (SPEC section 2.5, steps 2-3).
+    """Label ``frames`` of ``videoset`` into the set ``out_dir`` (docs/methods.md#71-pseudo-label-sets).
 
-    ``predictor``: a :class:`Predictor` (frames prepared at its ``input_size``) or any
-    :data:`ProbFn` (frames prepared at ``input_size``; its argmax is the label). ``manifest``: as
+    ``predictor``: a ``VideoPredictor`` such as :class:`Predictor` (frames prepared at its
+    ``input_size``) or any :data:`ProbFn` (frames prepared at ``input_size``; its argmax is the
+    label). A temporal predictor is stepped through each video from its first frame (frames
+    outside ``frames`` are predicted, not written) and ranks share whole videos. ``manifest``: as
     made by :func:`make_manifest` for these ``frames``. A non-empty ``out_dir`` is refused unless
     ``resume`` (the manifest must match; frames whose label PNG exists are skipped) or
     ``overwrite`` (every frame written again). ``limit``: stop after writing that many frames
@@ -345,15 +376,21 @@ def pseudo_label(
         raise error
     dist.barrier()
 
-    is_pred = isinstance(predictor, Predictor)
-    size = predictor.input_size if isinstance(predictor, Predictor) else input_size
-    mine = shard_frames(refs, rank, world_size)
+    if not isinstance(predictor, VideoPredictor):
+        predictor = _ProbFnPredictor(predictor, input_size)
+    size = predictor.input_size
+    if predictor.temporal:  # whole videos per rank
+        videos = set(shard_frames(sorted({r.video for r in refs}), rank, world_size))
+        mine = [r for r in refs if r.video in videos]
+    else:
+        mine = shard_frames(refs, rank, world_size)
     todo = [r for r in mine if not (resume and label_path(out, r).is_file())]
     skipped = len(mine) - len(todo)
     if limit is not None:
         todo = todo[:limit]
     device = torch.device(device)
-    ds = _FrameImages(videoset, todo, size)
+    run = _frames_to_run(predictor, videoset, todo)
+    ds = _FrameImages(videoset, [r for r, _ in run], size)
     loader: Any = (
         torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=num_workers)
         if num_workers > 0 else (ds[i] for i in range(len(ds)))
@@ -371,40 +408,24 @@ def pseudo_label(
         while len(pending) > 4 * write_threads:  # bound the frames held in memory
             pending.popleft().result()
 
-    def flush(batch: list[tuple[int, Tensor, tuple[int, int]]]) -> None:
-        nonlocal written
-        images = torch.stack([b[1] for b in batch]).to(device)
-        out_size = batch[0][2]
-        if is_pred:
-            labels, probs = predictor.predict(images, out_size, with_probs=True)  # type: ignore[union-attr]
-        else:
-            with torch.inference_mode():
-                probs = predictor(images, out_size)
-                labels = probs.argmax(1)
-        assert probs is not None
-        with torch.inference_mode():
-            for j, (i, _, _) in enumerate(batch):
-                q = quantise_entropy(entropy(probs[j]), num_classes)
-                lab = labels[j].to("cpu", torch.uint8).numpy()
-                submit(todo[i], lab, q.cpu().numpy())
-                written += 1
-
-    ctx = predictor.eval_mode() if isinstance(predictor, Predictor) else contextlib.nullcontext()
     try:
-        with ctx, make_progress(progress and rank == 0) as bar:
+        with predictor.eval_mode(), make_progress(progress and rank == 0) as bar:
             what = f"pseudo-label{f' (rank 0 of {world_size})' if world_size > 1 else ''}"
-            task = bar.add_task(what, total=len(todo))
-            batch: list[tuple[int, Tensor, tuple[int, int]]] = []
-            for item in loader:
-                i, image, hw = int(item[0]), item[1], (int(item[2][0]), int(item[2][1]))
-                if batch and (len(batch) == batch_size or batch[0][1].shape != image.shape
-                              or batch[0][2] != hw):
-                    flush(batch)
-                    bar.advance(task, len(batch))
-                    batch = []
-                batch.append((i, image, hw))
-            if batch:
-                flush(batch)
+            task = bar.add_task(what, total=len(run))
+            items = ((int(it[0]), it[1], (int(it[2][0]), int(it[2][1]))) for it in loader)
+            batches = run_videos(predictor, items, video=lambda it: run[it[0]][0].video,
+                                 image=lambda it: it[1], out_size=lambda it: it[2],
+                                 batch_size=batch_size, device=device, with_probs=True)
+            for batch, labels, probs in batches:
+                assert probs is not None
+                with torch.inference_mode():
+                    for j, (i, _, _) in enumerate(batch):
+                        ref, write = run[i]
+                        if not write:
+                            continue
+                        q = quantise_entropy(entropy(probs[j]), num_classes)
+                        submit(ref, labels[j].to("cpu", torch.uint8).numpy(), q.cpu().numpy())
+                        written += 1
                 bar.advance(task, len(batch))
             while pending:
                 pending.popleft().result()
@@ -436,8 +457,8 @@ def pseudo_label_quality(
 ) -> dict[str, Any]:
     """How good a pseudo-label set is where the video set has ground truth for its frames (e.g. the
     hidden labels of a label-ratio split): one confusion matrix over ALL pseudo-labeled pixels and
-    one over the RELIABLE pixels only (entropy < ``gamma`` nats, default 0.5 ln C as the
-    ``self_training`` threshold), plus the share of annotated pixels that are reliable.
+    one over the RELIABLE pixels only (entropy < ``gamma`` nats, default 0.5 ln C, the
+    student fine-tuning's default threshold), plus the share of annotated pixels that are reliable.
 
     Returns ``frames`` (frames with ground truth; frames without are skipped), ``gamma``,
     ``reliable_share``, and ``all`` / ``reliable``: ``mIoU``, ``pixel_acc``, ``mAcc``, ``fwIoU``

@@ -17,7 +17,8 @@ from torch import nn
 from semivss.errors import DataError
 from semivss.inference.config import EvalConfig
 from semivss.inference.evaluate import make_progress
-from semivss.inference.predict import Predictor, as_predictor
+from semivss.inference.predict import as_predictor
+from semivss.inference.video_predictor import VideoPredictor, run_videos
 from semivss.inference.writers import Mp4Writer, check_new_output, overlay, save_label_png
 
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
@@ -116,7 +117,7 @@ def _normalise(frame: np.ndarray, size: tuple[int, int] | None) -> torch.Tensor:
 
 
 def predict_source(
-    model: nn.Module | Predictor,
+    model: nn.Module | VideoPredictor,
     source: str | Path,
     out_dir: str | Path,
     palette: Any,
@@ -130,8 +131,8 @@ def predict_source(
     """Segment every frame of ``source``; write ``labels/<name>.png`` (palette PNGs at the frame's
     resolution), ``overlays/<name>.jpg`` and ``overlay.mp4`` (H.264) under ``out_dir``.
 
-    ``model``: one model run with ``cfg`` (TTA included), or a :class:`Predictor` (ensemble;
-    ``cfg`` then only gives ``batch_size``). ``fps`` of the mp4 defaults to the source video's rate
+    ``model``: one model run with ``cfg`` (TTA included), or a ``VideoPredictor`` (ensemble,
+    temporal model; ``cfg`` then only gives ``batch_size``), stepped through the frames in order. ``fps`` of the mp4 defaults to the source video's rate
     (10 for a folder); frames whose size differs from the first are resized for the mp4 only.
     Refuses a non-empty ``out_dir`` unless ``overwrite``. Returns a summary dict (frames, sizes,
     paths, seconds).
@@ -151,14 +152,14 @@ def predict_source(
 
     with predictor.eval_mode(), Mp4Writer(mp4_path, fps=fps) as mp4, make_progress(progress) as bar:
         task = bar.add_task(f"predict {Path(source).name}", total=None)
-        batch: list[tuple[str, np.ndarray]] = []
-
-        def flush() -> None:
-            nonlocal n
-            images = torch.stack([_normalise(f, predictor.input_size) for _, f in batch]).to(device)
-            preds, _ = predictor.predict(images, batch[0][1].shape[:2])
+        frames = ((name, frame, _normalise(frame, predictor.input_size))
+                  for name, _, frame in iter_source(source))
+        batches = run_videos(predictor, frames, video=lambda _: "source", image=lambda f: f[2],
+                             out_size=lambda f: (int(f[1].shape[0]), int(f[1].shape[1])),
+                             batch_size=cfg.batch_size, device=device)
+        for batch, preds, _ in batches:
             preds = preds.to("cpu", torch.uint8)
-            for j, (name, frame) in enumerate(batch):
+            for j, (name, frame, _) in enumerate(batch):
                 h, w = frame.shape[:2]
                 lab = preds[j].numpy()
                 save_label_png(labels_dir / f"{name}.png", lab, palette)
@@ -171,14 +172,6 @@ def predict_source(
                 sizes.add((h, w))
                 n += 1
             bar.advance(task, len(batch))
-            batch.clear()
-
-        for name, _, frame in iter_source(source):
-            if batch and (len(batch) == cfg.batch_size or batch[0][1].shape != frame.shape):
-                flush()
-            batch.append((name, frame))
-        if batch:
-            flush()
 
     if n == 0:
         raise DataError(f"{source}: no frames")

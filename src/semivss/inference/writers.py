@@ -1,4 +1,5 @@
-"""Output writers: palette label PNGs, colour overlays and H.264 mp4 (SPEC section 3, last item)."""
+"""Output writers: palette label PNGs, colour overlays and H.264 mp4 (prediction PNGs:
+docs/protocols.md#5-evaluation)."""
 
 from __future__ import annotations
 

@@ -12,45 +12,41 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
+from semivss.data.requests import DataRequest, LabeledRequest
 from semivss.errors import ConfigError
+from semivss.ops import resize
+from semivss.models.ensemble import ExportSpec, build_inference_model
 
 
 @dataclass(frozen=True)
 class DataSpec:
-    """What a method needs in its batches (ARCHITECTURE "Training batch").
+    """What a method needs in its batches: a tuple of data requests (``semivss.data.requests``),
+    each filling ``batch[request.key]``. The default is labeled frames only; a ``LabeledRequest``
+    is added when a spec names none. Keys must be unique."""
 
-    ``context_frames`` (K) other frames of the labeled frame's video at signed offsets drawn from
-    ``context_offsets`` (inclusive), with photometrically distorted copies if ``context_strong``;
-    ``unlabeled_frames`` (N) frames per unlabeled sample (0 = no unlabeled batch), offsets from
-    ``unlabeled_offsets``, strong copies if ``unlabeled_strong``; ``unlabeled_strong_copies`` > 1
-    adds independently distorted copies under ``strong2``, ``strong3``, ... (UniMatch's two
-    strong views). ``pseudo_labeled`` asks for frames of the offline pseudo-label set
-    (``data.pseudo_labels``, SPEC 2.5) under ``batch["pseudo"]`` (``image``, ``label``,
-    ``entropy``, ``valid``), with a strong photometric copy ``strong`` if ``pseudo_strong``.
-    """
-
-    context_frames: int = 0
-    context_offsets: tuple[int, int] = (-29, 29)
-    context_strong: bool = False
-    unlabeled_frames: int = 0
-    unlabeled_offsets: tuple[int, int] = (-29, 29)
-    unlabeled_strong: bool = False
-    unlabeled_strong_copies: int = 1
-    pseudo_labeled: bool = False
-    pseudo_strong: bool = False
+    requests: tuple[DataRequest, ...] = ()
 
     def __post_init__(self) -> None:
-        for key in ("context_frames", "unlabeled_frames"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"DataSpec.{key} must be >= 0, got {getattr(self, key)}")
-        if self.unlabeled_strong_copies < 1:
-            raise ConfigError(
-                f"DataSpec.unlabeled_strong_copies must be >= 1, got {self.unlabeled_strong_copies}"
-            )
-        for key in ("context_offsets", "unlabeled_offsets"):
-            lo, hi = getattr(self, key)
-            if lo > hi:
-                raise ConfigError(f"DataSpec.{key} must be (low, high) with low <= high, got {(lo, hi)}")
+        reqs = tuple(self.requests)
+        if not any(r.key == "labeled" for r in reqs):
+            reqs = (LabeledRequest(), *reqs)
+        keys = [r.key for r in reqs]
+        if len(set(keys)) != len(keys):
+            raise ConfigError(f"DataSpec: each batch key may be requested once, got {keys}")
+        object.__setattr__(self, "requests", reqs)
+
+    @classmethod
+    def of(cls, *requests: DataRequest) -> DataSpec:
+        """``DataSpec.of(LabeledRequest(...), UnlabeledRequest(...))``."""
+        return cls(tuple(requests))
+
+    def get(self, key: str) -> DataRequest | None:
+        """The request filling ``batch[key]``, or None."""
+        return next((r for r in self.requests if r.key == key), None)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(r.key for r in self.requests)
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -61,13 +57,12 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 def seg_ce_loss(logits: Tensor, label: Tensor, ignore_index: int = 255) -> Tensor:
-    """Pixel-wise cross-entropy (SPEC 2.1): logits (B,C,h,w) upsampled bilinearly
+    """Pixel-wise cross-entropy (Eq. (SUP-1)): logits (B,C,h,w) upsampled bilinearly
     (``align_corners=False``) to the label size (B,H,W), mean over non-ignored pixels, in fp32.
 
     A batch with no valid pixel gives 0 (with a zero gradient) instead of NaN.
     """
-    if logits.shape[-2:] != label.shape[-2:]:
-        logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
+    logits = resize(logits, label.shape[-2:])
     total = F.cross_entropy(logits.float(), label, ignore_index=ignore_index, reduction="sum")
     valid = (label != ignore_index).sum()
     return total / valid.clamp(min=1)
@@ -78,7 +73,7 @@ class Method:
 
     Subclasses set ``name``, a nested pydantic ``Config`` for their own parameters, and override
     ``training_step`` (plus ``data_spec`` / ``build_models`` / ``on_step_end`` /
-    ``inference_model`` as needed). Models follow the SegModel contract:
+    ``export_spec`` as needed). Models follow the SegModel contract:
     ``forward(x) -> {"logits", "feature", ...}`` and ``param_groups()``. In ``training_step`` the
     models may be DDP-wrapped: call them for the forward pass, use :func:`unwrap` for other methods.
     """
@@ -141,9 +136,17 @@ class Method:
     def on_step_end(self, models: nn.ModuleDict, step: int) -> None:
         """Called after the optimiser step of iteration ``step`` (e.g. EMA update)."""
 
+    def export_spec(self, models: nn.ModuleDict) -> ExportSpec:
+        """Which of ``models`` form the inference model and how they are combined (default the
+        single network ``models["model"]``). The trainer records it in ``meta["export"]`` so that
+        :func:`semivss.experiment.load_trained_model` rebuilds the same module from a checkpoint."""
+        return ExportSpec(("model",))
+
     def inference_model(self, models: nn.ModuleDict) -> nn.Module:
-        """The network used for evaluation and export (default ``models["model"]``)."""
-        return unwrap(models["model"])
+        """The module used for evaluation and export, built from :meth:`export_spec` (override
+        that, not this)."""
+        spec = self.export_spec(models)
+        return build_inference_model([unwrap(models[n]) for n in spec.members], spec.combine)
 
     def state_dict(self) -> dict[str, Any]:
         """Extra method state to checkpoint (tensors / plain containers only; default none)."""
@@ -157,6 +160,8 @@ class Method:
         """Move nested tensors to ``device`` (helper for subclasses)."""
         if isinstance(obj, Tensor):
             return obj.to(device, non_blocking=True)
+        if hasattr(obj, "map_tensors"):  # a typed batch (semivss.data.batch)
+            return obj.map_tensors(lambda t: t.to(device, non_blocking=True))
         if isinstance(obj, dict):
             return {k: Method.to_device(v, device) for k, v in obj.items()}
         if isinstance(obj, (list, tuple)):

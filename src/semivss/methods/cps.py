@@ -1,26 +1,11 @@
-"""CPS — cross pseudo supervision (Chen et al., CVPR 2021; SPEC 2.4; official code
-charlesCXK/TorchSemiSeg ``exp.city/*.CPS+CutMix/train.py``).
+"""CPS: cross pseudo supervision (Chen et al., CVPR 2021; official code charlesCXK/TorchSemiSeg
+``exp.city/*.CPS+CutMix/train.py``).
 
-Two networks of the same architecture with differently initialised heads (same pretrained
-encoder) are trained together. With CutMix (the paper's strongest setting) every unlabeled image
-u is mixed with its partner u' = u[(i + 1) % B] through a French et al. box mask (3 boxes toggled,
-area proportion U[0.25, 0.5]); each network's pseudo-label of the mixed image is the argmax of its
-prediction on u and u' mixed with the same mask (no gradient, train mode as the official code),
-and each network learns the OTHER one's one-hot pseudo-label on the mixed image:
-
-    L = CE(f1(x_l), y) + CE(f2(x_l), y) + cps_weight * (CE(f1(u_mix), Y2) + CE(f2(u_mix), Y1)).
-
-``cps_weight`` defaults to 1.5 (SPEC 2.4; the official configs use 1.5 for VOC and 5-6 for
-Cityscapes). The official code mixes two independently drawn unlabeled batches; the partner here
-is another sample of the same batch (one forward pass less). Plain CE replaces the official OHEM
-for the supervised terms. Without CutMix the cross supervision covers labeled and unlabeled
-images, as in the official non-CutMix code
-(one CE over the labeled + unlabeled pixels per network).
-
-Padded pixels of the unlabeled crops (``batch["unlabeled"]["valid"]`` False; its box-mixed copy
-with CutMix, so a pasted padded region stays invalid) and, without CutMix, of the labeled crops
-(``batch["labeled"]["valid"]``) get the ignore label in both pseudo-labels: the cross-supervision
-CE is the mean over the valid pixels alone. A batch without ``valid`` counts every pixel as valid.
+Two networks of the same architecture with differently initialised heads are trained together:
+CE on the labeled frames, and each network learns the other's one-hot pseudo-label of a
+CutMix-mixed unlabeled image (without CutMix: of the labeled and unlabeled images). Padded
+pixels get no pseudo-label. Eq. (CPS-1)..(CPS-2), the loss weight and the differences from the
+official code: docs/methods.md#5-cps.
 """
 
 from __future__ import annotations
@@ -29,27 +14,27 @@ from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
-from semivss.methods.base import DataSpec, Method, seg_ce_loss, unwrap
+from semivss.data.requests import UnlabeledRequest
+from semivss.methods.base import DataSpec, Method, seg_ce_loss
 from semivss.methods.parts import (
     apply_cutmix,
     box_mix_mask,
     ignore_invalid,
-    labeled_valid,
     roll_permutation,
     step_generator,
-    unlabeled_valid,
 )
-from semivss.models.ensemble import ProbAverage
+from semivss.ops import resize
+from semivss.models.ensemble import ExportSpec, ProbAverage
+from semivss.registry import METHODS
 
 __all__ = ["CPS", "ProbAverage"]
 
 
 def _up(logits: Tensor, size: tuple[int, int]) -> Tensor:
-    return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+    return resize(logits.float(), size)
 
 
 def cps_pseudo_label(logits: Tensor) -> Tensor:
@@ -57,6 +42,7 @@ def cps_pseudo_label(logits: Tensor) -> Tensor:
     return logits.argmax(dim=1)
 
 
+@METHODS.register("cps")
 class CPS(Method):
     """Two networks supervising each other with hard pseudo-labels (+ CutMix)."""
 
@@ -84,7 +70,7 @@ class CPS(Method):
 
     def data_spec(self) -> DataSpec:
         """One unlabeled frame per sample (every unlabeled frame of the training videos)."""
-        return DataSpec(unlabeled_frames=1)
+        return DataSpec.of(UnlabeledRequest(frames=1))
 
     def build_models(self, make_model: Callable[[], nn.Module]) -> nn.ModuleDict:
         """``model`` and ``model2``: two ``make_model()`` calls under two different seeds drawn from
@@ -108,9 +94,9 @@ class CPS(Method):
     ) -> dict[str, Tensor]:
         cfg = self.cfg
         net1, net2 = models["model"], models["model2"]
-        x_l, y_l = batch["labeled"]["image"], batch["labeled"]["label"]
-        x_u = batch["unlabeled"]["image"][:, 0]
-        valid = unlabeled_valid(batch["unlabeled"])  # None: every pixel valid (older batches)
+        x_l, y_l = batch["labeled"].image, batch["labeled"].label
+        x_u = batch["unlabeled"].image[:, 0]
+        valid = batch["unlabeled"].frame_valid(0)
         n_u = x_u.shape[0]
         size = (int(x_u.shape[-2]), int(x_u.shape[-1]))
 
@@ -126,10 +112,10 @@ class CPS(Method):
                 x_mix = apply_cutmix(x_u, None, None, mask, perm)[0]
                 pl1 = cps_pseudo_label(apply_cutmix(t1, None, None, mask, perm)[0])  # type: ignore[arg-type]
                 pl2 = cps_pseudo_label(apply_cutmix(t2, None, None, mask, perm)[0])  # type: ignore[arg-type]
-                if valid is not None:  # padded pixels (pasted ones included) get no pseudo-label
-                    valid = apply_cutmix(None, valid, None, mask, perm)[1]
-                    pl1 = ignore_invalid(pl1, valid, self.ignore_index)
-                    pl2 = ignore_invalid(pl2, valid, self.ignore_index)
+                # padded pixels (pasted ones included) get no pseudo-label
+                valid = apply_cutmix(None, valid, None, mask, perm)[1]
+                pl1 = ignore_invalid(pl1, valid, self.ignore_index)
+                pl2 = ignore_invalid(pl2, valid, self.ignore_index)
             o1u, o2u = net1(x_mix)["logits"], net2(x_mix)["logits"]
             o1l, o2l = net1(x_l)["logits"], net2(x_l)["logits"]
             loss_cps = seg_ce_loss(o1u, pl2, self.ignore_index) + seg_ce_loss(o2u, pl1, self.ignore_index)
@@ -141,13 +127,9 @@ class CPS(Method):
             with torch.no_grad():
                 pl1 = cps_pseudo_label(_up(o1.detach(), size))
                 pl2 = cps_pseudo_label(_up(o2.detach(), size))
-                valid_l = labeled_valid(batch["labeled"])
-                if valid is not None or valid_l is not None:  # a missing mask: all valid
-                    all_l = torch.ones_like(pl1[:n_l], dtype=torch.bool)
-                    all_u = torch.ones_like(pl1[n_l:], dtype=torch.bool)
-                    both = torch.cat([all_l if valid_l is None else valid_l, all_u if valid is None else valid])
-                    pl1 = ignore_invalid(pl1, both, self.ignore_index)
-                    pl2 = ignore_invalid(pl2, both, self.ignore_index)
+                both = torch.cat([batch["labeled"].valid.bool(), valid])
+                pl1 = ignore_invalid(pl1, both, self.ignore_index)
+                pl2 = ignore_invalid(pl2, both, self.ignore_index)
             loss_cps = seg_ce_loss(o1, pl2, self.ignore_index) + seg_ce_loss(o2, pl1, self.ignore_index)
         loss_sup = seg_ce_loss(o1l, y_l, self.ignore_index)
         loss_sup2 = seg_ce_loss(o2l, y_l, self.ignore_index)
@@ -159,10 +141,10 @@ class CPS(Method):
             "loss_cps": loss_cps.detach(),
         }
 
-    def inference_model(self, models: nn.ModuleDict) -> nn.Module:
+    def export_spec(self, models: nn.ModuleDict) -> ExportSpec:
         """The first network (default) or, with ``inference: average``, the probability average of
-        both (:class:`~semivss.models.ensemble.ProbAverage`; evaluate / predict reload it from the
+        both (:class:`~semivss.models.ensemble.ProbAverage`; evaluate / predict rebuild it from the
         checkpoint or the exported weights)."""
         if self.cfg.inference == "average":
-            return ProbAverage(unwrap(models["model"]), unwrap(models["model2"]))
-        return unwrap(models["model"])
+            return ExportSpec(("model", "model2"), "prob_average")
+        return ExportSpec(("model",))

@@ -1,20 +1,11 @@
-"""IFR: inter-frame feature reconstruction (Zhuang et al., CVPR 2022), SPEC section 2.2.
+"""IFR: inter-frame feature reconstruction (Zhuang et al., CVPR 2022; official code jfzhuang/IFR).
 
-One network, no teacher. Prototypes of a *source* frame (its decoder features averaged per class
-of the network's own argmax prediction, per sample) reconstruct the features of a *target* frame
-by cosine attention; the reconstruction is classified by the shared final classifier and
-supervised with the target's ground truth (labeled frames) or argmax pseudo-label (unlabeled
-frames). Facts follow the official code (jfzhuang/IFR, ``mmseg/models/segmentors/ifr.py``) with the
-per-sample prototype fix of SPEC 2.2; the code here is our own.
-
-Forward passes: the official code runs one forward pass per image group (labeled frames, source
-frames, distorted sources, u0, u1, distorted u1), so BatchNorm statistics are per group. That is
-the default here (``forward_passes: per_group``). ``forward_passes`` can also put several groups
-in one pass (``joint``: all images at once, or an explicit partition such as
-``[[x], [src], [src_s], [u0, u1, u1_s]]`` for an unlabeled batch of one image). Only BatchNorm
-statistics differ between these choices. On a CPU, passes of about a labeled batch are faster
-than one large pass: a 27-image pass spends ~1/3 of its time in page faults of its large
-activation buffers (benchmarks/ifr_step_cost.py).
+One network, no teacher. Class prototypes of a *source* frame (per sample, fixing the official
+per-batch pooling) reconstruct the decoder features of a *target* frame by cosine attention; the
+reconstruction goes through the shared final classifier and is trained against the target's
+ground truth or argmax pseudo-label, ramped in over ``ramp_iters``. ``forward_passes`` chooses
+which image groups share a forward pass (only BatchNorm statistics differ).
+Equations (IFR-1)..(IFR-7), official settings and deviations: docs/methods.md#3-ifr.
 """
 
 from __future__ import annotations
@@ -28,9 +19,13 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
+from semivss.data.requests import LabeledRequest, UnlabeledRequest
 from semivss.errors import ConfigError
 from semivss.methods.base import DataSpec, Method, seg_ce_loss, unwrap
-from semivss.methods.parts import ignore_invalid, unlabeled_valid
+from semivss.methods.parts import ignore_invalid
+from semivss.models.config import archs_with
+from semivss.ops import resize
+from semivss.registry import ARCHS, METHODS
 
 GROUPS = ("x", "src", "src_s", "u0", "u1", "u1_s")
 GroupName = Literal["x", "src", "src_s", "u0", "u1", "u1_s"]
@@ -39,8 +34,9 @@ __all__ = ["IFR", "class_prototypes", "reconstruct", "ramp"]
 
 
 def ramp(it: int, ramp_iters: int) -> float:
-    """Sigmoid-shaped ramp-up of the reconstruction loss (SPEC 2.2; official ``sigmoid_rampup``):
-    ``exp(-5 (1 - min(it, R) / R)^2)``; 1 when ``R <= 0``. ``it`` is the 0-based iteration."""
+    """Sigmoid-shaped ramp-up of the reconstruction loss (docs/methods.md#3-ifr, Eq. (IFR-6);
+    official ``sigmoid_rampup``): ``exp(-5 (1 - min(it, R) / R)^2)``; 1 when ``R <= 0``. ``it`` is
+    the 0-based iteration."""
     if ramp_iters <= 0:
         return 1.0
     phase = 1.0 - min(max(float(it), 0.0), float(ramp_iters)) / float(ramp_iters)
@@ -48,8 +44,9 @@ def ramp(it: int, ramp_iters: int) -> float:
 
 
 def class_prototypes(feature: Tensor, assign: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-    """Per-sample class prototypes (SPEC 2.2): ``P[b, k] = mean of feature[b, :, p]`` over the
-    pixels ``p`` of sample ``b`` with ``assign[b, p] == k``.
+    """Per-sample class prototypes (docs/methods.md#3-ifr, Eq. (IFR-1)):
+    ``P[b, k] = mean of feature[b, :, p]`` over the pixels ``p`` of sample ``b`` with
+    ``assign[b, p] == k``.
 
     ``feature`` (B,D,h,w), ``assign`` (B,h,w) integer class ids (values outside ``0..C-1``, e.g.
     255, are left out). Returns ``prototypes`` (B,C,D) in the feature dtype (zero rows for absent
@@ -77,9 +74,10 @@ def class_prototypes(feature: Tensor, assign: Tensor, num_classes: int) -> tuple
 def reconstruct(
     target_feature: Tensor, prototypes: Tensor, present: Tensor, tau: float = 0.5
 ) -> Tensor:
-    """Reconstruct every pixel feature ``f`` of the target from the source prototypes (SPEC 2.2):
-    ``f_hat = sum_k softmax_k(cos(f, P_k) / tau) P_k``, the softmax over the classes present in
-    that sample only (absent classes get ``-inf`` attention).
+    """Reconstruct every pixel feature ``f`` of the target from the source prototypes
+    (docs/methods.md#3-ifr, Eq. (IFR-2)-(IFR-3)): ``f_hat = sum_k softmax_k(cos(f, P_k) / tau) P_k``,
+    the softmax over the classes present in that sample only (absent classes get ``-inf``
+    attention).
 
     ``target_feature`` (B,D,h,w), ``prototypes`` (B,C,D), ``present`` (B,C) -> (B,D,h,w).
     Gradients reach the target through the attention weights and the source through the
@@ -108,11 +106,12 @@ def reconstruct(
     return out.transpose(1, 2).reshape(b, d, h, w)
 
 
+@METHODS.register("ifr")
 class IFR(Method):
-    """Inter-frame feature reconstruction (SPEC 2.2).
+    """Inter-frame feature reconstruction (docs/methods.md#3-ifr, Eq. (IFR-7)).
 
     ``L = L_sup + ramp(it) * sum_t w_t CE(classify(f_hat_t) / temperature_logits, y_t)`` over the
-    four terms of SPEC 2.2: labeled frame from a context (source) frame, labeled frame from the
+    four terms of Eq. (IFR-5): labeled frame from a context (source) frame, labeled frame from the
     distorted source copy (grouped by the undistorted copy's argmax), unlabeled ``u0`` from
     ``u1``, ``u0`` from the distorted ``u1`` (grouped by ``u1``); ``y`` is the ground truth or the
     argmax pseudo-label of ``u0`` at image resolution (as the official code). Each ``use_*``
@@ -149,10 +148,11 @@ class IFR(Method):
         # or a partition, e.g. [[x], [src], [src_s], [u0, u1, u1_s]]; unlisted groups get a pass
         # of their own.
         forward_passes: Literal["per_group", "joint"] | list[list[GroupName]] = "per_group"
-        # Cost-saving deviation (default off = SPEC): take the unlabeled pair from the labeled
-        # clip instead of the unlabeled set: u1 = the source frame (and its distorted copy, both
-        # already forwarded for the labeled terms), u0 = a second context frame of the labeled
-        # video (distinct from the source when the window allows); no unlabeled loader.
+        # Cost-saving deviation (default off = the official setting, docs/methods.md#3-ifr): take
+        # the unlabeled pair from the labeled clip instead of the unlabeled set: u1 = the source
+        # frame (and its distorted copy, both already forwarded for the labeled terms), u0 = a
+        # second context frame of the labeled video (distinct from the source when the window
+        # allows); no unlabeled loader.
         # 4 images per labeled clip instead of 3 + 3 per (labeled, unlabeled) clip pair.
         share_frames: bool = False
 
@@ -201,14 +201,16 @@ class IFR(Method):
         comes from the labeled clip: two context frames, no unlabeled batch."""
         c = self.cfg
         share = c.share_frames and self._need_unlabeled
-        return DataSpec(
+        labeled = LabeledRequest(
             context_frames=(2 if share else 1) if self._need_context else 0,
             context_offsets=tuple(c.source_offsets),
             context_strong=self._need_source_strong,
-            unlabeled_frames=2 if self._need_unlabeled and not c.share_frames else 0,
-            unlabeled_offsets=tuple(c.unlabeled_offsets),
-            unlabeled_strong=c.use_unlabeled_strong and not c.share_frames,
         )
+        if not (self._need_unlabeled and not c.share_frames):
+            return DataSpec.of(labeled)
+        strong = 1 if c.use_unlabeled_strong else 0
+        return DataSpec.of(labeled, UnlabeledRequest(frames=2, offsets=tuple(c.unlabeled_offsets),
+                                                     strong_copies=strong))
 
     # ------------------------------------------------------------------ forward
     def _passes(self, present: list[str]) -> list[list[str]]:
@@ -275,28 +277,29 @@ class IFR(Method):
         c = self.cfg
         model = models["model"]
         if not getattr(unwrap(model), "supports_classify", True):
+            ok = archs_with("classify", default=True)
             raise ConfigError(
                 f"method 'ifr' classifies reconstructed features with the model's final "
                 f"classifier, which {type(unwrap(model)).__name__} does not have (model.arch "
-                f"mask2former); use deeplabv3plus, pspnet, segformer or upernet"
+                f"{', '.join(n for n in ARCHS.names() if n not in ok)}); use one of {', '.join(ok)}"
             )
         classify = unwrap(model).classify
         lab = batch["labeled"]
-        label = lab["label"]
-        images = {"x": lab["image"]}
+        label = lab.label
+        images = {"x": lab.image}
         if self._need_context:
-            images["src"] = lab["context"][:, 0]
+            images["src"] = lab.context[:, 0]
             if self._need_source_strong:
-                images["src_s"] = lab["context_strong"][:, 0]
+                images["src_s"] = lab.context_strong[:, 0]
         if self._need_unlabeled:
             if c.share_frames:
-                images["u0"] = lab["context"][:, 1]
+                images["u0"] = lab.context[:, 1]
             else:
                 unl = batch["unlabeled"]
-                images["u0"] = unl["image"][:, 0]
-                images["u1"] = unl["image"][:, 1]
+                images["u0"] = unl.image[:, 0]
+                images["u1"] = unl.image[:, 1]
                 if c.use_unlabeled_strong:
-                    images["u1_s"] = unl["strong"][:, 1]
+                    images["u1_s"] = unl.strong[0][:, 1]
         out = self._forward(model, images)
         if c.share_frames and self._need_unlabeled:
             out["u1"] = out["src"]
@@ -315,13 +318,9 @@ class IFR(Method):
                 jobs.append(("labeled_strong", feat_x, out["src_s"]["feature"], assign, label))
         if self._need_unlabeled:
             with torch.no_grad():  # argmax pseudo-label of u0 at image resolution (official code)
-                pseudo = F.interpolate(
-                    out["u0"]["logits"].float(), size=images["u0"].shape[-2:], mode="bilinear",
-                    align_corners=False,
-                ).argmax(dim=1)
+                pseudo = resize(out["u0"]["logits"].float(), images["u0"].shape[-2:]).argmax(dim=1)
             if not c.share_frames:  # no pseudo-label on the crop padding of u0
-                pseudo = ignore_invalid(pseudo, unlabeled_valid(batch["unlabeled"], 0),
-                                        self.ignore_index)
+                pseudo = ignore_invalid(pseudo, batch["unlabeled"].frame_valid(0), self.ignore_index)
             assign_u = out["u1"]["logits"].detach().argmax(dim=1)
             feat_u0 = out["u0"]["feature"]
             if c.use_unlabeled:

@@ -1,44 +1,13 @@
-"""Offline teacher-student self-training with unreliable pseudo-labels (SPEC 2.5 steps 3-4;
-PVUW 2024 seed, Eq. 1-6): the student is trained on labeled frames and on the frames of a stored
-pseudo-label set (argmax + entropy of the teacher ensemble, ``semivss pseudo-label``).
+"""Offline teacher-student self-training with unreliable pseudo-labels (PVUW 2024 winners' recipe,
+step 4): the student is trained on labeled frames and on the frames of a stored pseudo-label set
+(argmax + entropy of the teacher ensemble, written by ``semivss pseudo-label``).
 
-One iteration (labeled batch x_l, y_l; pseudo-labeled batch x_p with pseudo-label y_p, entropy H
-in nats and a validity mask, see :mod:`semivss.data.pseudo`):
-
-1. Student on cat(x_l, x_p) (x_p = the strong photometric copy with ``strong: true``).
-2. L_s (Eq. 4): CE on the labeled frames (mean over non-ignored pixels).
-3. Reliable / unreliable split of the valid pseudo-labeled pixels (Eq. 2):
-   ``reliable: {mode: threshold, gamma}``: reliable iff H < gamma; default gamma = 0.5 ln C (half
-   the maximum entropy, i.e. the lower half of the stored quantisation range; 1.04 nats for the 8
-   synthetic classes, 1.20 for CamVid's 11). ``{mode: percentile, keep}``: the ``keep`` fraction
-   of valid pixels of the batch with the lowest entropy is reliable (exact count; ties broken by
-   ``torch.topk``). Every other valid pixel is unreliable; padding (``valid = False``) is neither.
-4. L_u (Eq. 5): CE against y_p on the reliable pixels only, mean over them (0 when none).
-5. L_c (Eq. 6): U2PL's contrastive loss (:func:`~semivss.methods.parts.u2pl_contrastive_loss`)
-   on ``out["rep"]`` (U2PL representation head, ``model.rep_head: true``) or else on
-   ``out["feature"]``, at that feature's resolution (labels / masks resampled nearest):
-   anchors of class c = student features of the reliable pixels pseudo-labeled c and of the
-   labeled pixels of class c whose student probability of c exceeds ``anchor_threshold``;
-   positive = mean of the student's own detached features over those pixels (the offline teacher's
-   features are not stored); negatives = ``num_negatives`` features per anchor from a per-class
-   FIFO memory bank (:class:`~semivss.methods.parts.ClassMemoryBank`, ``memory_size`` per class,
-   checkpointed in the method state) that receives the detached student features of the
-   negatives of each batch. Which pixels are negatives for class c (``negatives``):
-
-   - ``rank`` (default): an unreliable pixel whose pseudo-label is not c and for which c is an
-     unlikely class: rank of c in the student's detached probabilities in ``[low_rank,
-     high_rank)`` (U2PL's window, 3..19); plus labeled pixels whose ground truth is not c but that
-     rank c in the student's top ``low_rank`` (U2PL's confusable labeled negatives). Chosen by
-     default because the student's probabilities are at hand while the teacher's ranking is not
-     stored: they tell which classes are unlikely ("such pixels can be judged as negative samples
-     in the least likely category", seed section 3.4) and keep the classes the pixel is still
-     confused with (possibly its true class) out of its negatives.
-   - ``argmax``: every unreliable pixel whose stored pseudo-label (argmax) is not c, with no
-     ranking (only what the stored set says); labeled pixels give no negatives.
-
-   In both modes a pixel is never a negative of its own pseudo-label class.
-L = L_s + unsup_weight L_u + contrastive_weight L_c (lambda_u = 1.0, lambda_c = 0.1 as U2PL's
-paper value; temperature 0.5, 256 anchors x 50 negatives as U2PL).
+L = L_s + unsup_weight L_u + contrastive_weight L_c: CE on the labeled frames, CE on the reliable
+pseudo-labeled pixels (entropy below ``gamma`` or the lowest-entropy share of the batch), and
+U2PL's contrastive loss with the unreliable pixels as negatives (student features as keys, a
+per-class memory bank, negatives chosen by ``negatives: rank | argmax``).
+Eq. (ST-1)..(ST-5), defaults and why the negatives are chosen this way:
+docs/methods.md#72-student-fine-tuning.
 """
 
 from __future__ import annotations
@@ -48,20 +17,22 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from semivss.data.requests import PseudoRequest
 from semivss.errors import ConfigError
 from semivss.methods.base import DataSpec, Method, seg_ce_loss
 from semivss.methods.parts import (
+    BankCheckpoint,
     ClassMemoryBank,
     ContrastiveSettings,
     reliability_split,
     step_generator,
     u2pl_contrastive_loss,
 )
-from semivss.methods.u2pl import _nearest
+from semivss.ops import resize, resize_labels
+from semivss.registry import METHODS
 
 __all__ = ["ReliableConfig", "SelfTraining", "default_gamma", "split_reliable"]
 
@@ -72,7 +43,7 @@ def default_gamma(num_classes: int) -> float:
 
 
 class ReliableConfig(BaseModel):
-    """``method.reliable``: which valid pseudo-labeled pixels are reliable (SPEC 2.5 step 3).
+    """``method.reliable``: which valid pseudo-labeled pixels are reliable (Eq. (ST-3)).
 
     ``threshold``: entropy < ``gamma`` nats (default ``0.5 ln C``); ``percentile``: the ``keep``
     fraction of the batch's valid pixels with the lowest entropy (default 0.8, U2PL's initial
@@ -96,7 +67,7 @@ class ReliableConfig(BaseModel):
 def split_reliable(
     ent: Tensor, valid: Tensor, cfg: ReliableConfig, num_classes: int
 ) -> tuple[Tensor, Tensor]:
-    """``(reliable, unreliable)`` boolean masks of the shape of ``ent`` (module docstring, step 3):
+    """``(reliable, unreliable)`` boolean masks of the shape of ``ent`` (Eq. (ST-3)):
     both are inside ``valid`` and disjoint, and together they cover it."""
     valid = valid.bool()
     if cfg.mode == "threshold":
@@ -106,13 +77,15 @@ def split_reliable(
     return reliability_split(ent, 100.0 * (1.0 - cfg.keep), valid)
 
 
-class SelfTraining(Method):
-    """Student fine-tuning on labeled + offline pseudo-labeled frames (module docstring)."""
+@METHODS.register("self_training")
+class SelfTraining(BankCheckpoint, Method):
+    """Student fine-tuning on labeled + offline pseudo-labeled frames
+    (docs/methods.md#72-student-fine-tuning)."""
 
     name: ClassVar[str] = "self_training"
 
     class Config(ContrastiveSettings):
-        """``method:`` parameters (defaults in the module docstring)."""
+        """``method:`` parameters (defaults: docs/methods.md#72-student-fine-tuning)."""
 
         unsup_weight: float = Field(1.0, ge=0.0)
         contrastive_weight: float = Field(0.1, ge=0.0)
@@ -138,7 +111,7 @@ class SelfTraining(Method):
 
     def data_spec(self) -> DataSpec:
         """Labeled frames plus frames of the pseudo-label set (``batch["pseudo"]``)."""
-        return DataSpec(pseudo_labeled=True, pseudo_strong=self.cfg.strong)
+        return DataSpec.of(PseudoRequest(strong=self.cfg.strong))
 
     def split(self, ent: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
         """Reliable / unreliable masks of a pseudo-labeled batch (:func:`split_reliable`)."""
@@ -154,12 +127,11 @@ class SelfTraining(Method):
                 "set written by `semivss pseudo-label`"
             )
         pseudo = batch["pseudo"]
-        x_l, y_l = batch["labeled"]["image"], batch["labeled"]["label"]
-        key = "strong" if cfg.strong else "image"
-        if key not in pseudo:
-            raise ConfigError(f"method 'self_training' with strong: {cfg.strong} needs batch['pseudo'][{key!r}]")
-        x_p, y_p = pseudo[key], pseudo["label"]
-        valid = pseudo["valid"].bool() & (y_p != self.ignore_index)
+        x_l, y_l = batch["labeled"].image, batch["labeled"].label
+        if cfg.strong and not pseudo.strong:
+            raise ConfigError("method 'self_training' with strong: true needs PseudoBatch.strong")
+        x_p, y_p = (pseudo.strong[0] if cfg.strong else pseudo.image), pseudo.label
+        valid = pseudo.valid.bool() & (y_p != self.ignore_index)
         if tuple(x_l.shape[-2:]) != tuple(x_p.shape[-2:]):
             raise ConfigError(
                 f"labeled crops {tuple(x_l.shape[-2:])} and pseudo-labeled crops "
@@ -173,7 +145,7 @@ class SelfTraining(Method):
         loss_sup = seg_ce_loss(logits[:n_l], y_l, self.ignore_index)
 
         with torch.no_grad():
-            reliable, unreliable = self.split(pseudo["entropy"], valid)
+            reliable, unreliable = self.split(pseudo.entropy, valid)
         target = y_p.masked_fill(~reliable, self.ignore_index)
         loss_unsup = seg_ce_loss(logits[n_l:], target, self.ignore_index)
 
@@ -195,18 +167,17 @@ class SelfTraining(Method):
     def contrastive_inputs(
         self, size: tuple[int, int], logits: Tensor, y_l: Tensor, y_p: Tensor, reliable: Tensor, unreliable: Tensor
     ) -> dict[str, Any]:
-        """Arguments of :func:`u2pl_contrastive_loss` at feature resolution ``size`` (module
-        docstring, step 5): student probabilities, labels (ground truth, then pseudo-labels),
+        """Arguments of :func:`u2pl_contrastive_loss` at feature resolution ``size``
+        (docs/methods.md#72-student-fine-tuning): student probabilities, labels (ground truth, then pseudo-labels),
         anchor / negative candidate masks, which samples are labeled, and the rank window."""
         n_l = y_l.shape[0]
         with torch.no_grad():
-            prob = torch.softmax(logits.detach().float(), dim=1)
-            if tuple(prob.shape[-2:]) != tuple(size):
-                prob = F.interpolate(prob, size=size, mode="bilinear", align_corners=False)
-            label = torch.cat([_nearest(y_l, size), _nearest(y_p, size)])
+            prob = resize(torch.softmax(logits.detach().float(), dim=1), size)
+            label = torch.cat([resize_labels(y_l, size), resize_labels(y_p, size)])
             ones_l = torch.ones((n_l, *size), dtype=torch.bool, device=logits.device)
-            anchor = torch.cat([ones_l, _nearest(reliable, size)])
-            negative = torch.cat([ones_l if self.cfg.negatives == "rank" else ~ones_l, _nearest(unreliable, size)])
+            anchor = torch.cat([ones_l, resize_labels(reliable, size)])
+            negative = torch.cat([ones_l if self.cfg.negatives == "rank" else ~ones_l,
+                                  resize_labels(unreliable, size)])
             is_labeled = torch.arange(label.shape[0], device=logits.device) < n_l
         if self.cfg.negatives == "rank":
             low, high = self.cfg.low_rank, self.cfg.high_rank
@@ -248,11 +219,3 @@ class SelfTraining(Method):
             ignore_index=self.ignore_index,
             generator=step_generator(),  # CPU generator, seeded from the global RNG (exact resume)
         )
-
-    def state_dict(self) -> dict[str, Any]:
-        """The memory bank (needed for an exact resume); nothing with ``checkpoint_bank: false``."""
-        return {"bank": self.bank.state_dict()} if self.cfg.checkpoint_bank else {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "bank" in state:
-            self.bank.load_state_dict(state["bank"], where="checkpoint method state 'bank'")

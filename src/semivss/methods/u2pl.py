@@ -1,40 +1,12 @@
-"""U2PL — semi-supervised semantic segmentation using unreliable pseudo-labels (Wang et al.,
-CVPR 2022; SPEC 2.3; official code Haochen-Wang409/U2PL ``train_semi.py``).
+"""U2PL: semi-supervised semantic segmentation using unreliable pseudo-labels (Wang et al.,
+CVPR 2022; official code Haochen-Wang409/U2PL ``train_semi.py``).
 
-One iteration (labeled batch x_l, y_l; unlabeled batch x_u, first frame of each clip):
-1. Pseudo-labels: EMA teacher in eval mode on the weakly augmented x_u (softmax of the logits
-   upsampled to the crop): argmax and confidence.
-2. Strong view: with probability ``cutmix_p`` per batch (official: one coin per batch) every
-   unlabeled image gets ONE box of ``cutmix_area`` x its area from its partner (i + 1) % B; the
-   pseudo-label, confidence and padding mask (``batch["unlabeled"]["valid"]``) are mixed with
-   the same box (a pasted padded region stays invalid).
-3. Student on cat(x_l, strong x_u): supervised CE on x_l.
-4. Teacher in train mode (no gradient, as the official code) on the same batch: its
-   probabilities (rank of each class, p > 0.3 test), representation features, and the per-pixel
-   entropy of its upsampled prediction on the unlabeled part. With alpha_t = alpha0 (1 - t/T)
-   the alpha_t % highest-entropy unlabeled pixels are unreliable, the alpha_t % lowest are the
-   anchor candidates (exact shares, :mod:`semivss.methods.parts.reliability`). Padded (invalid)
-   pixels are neither reliable nor unreliable nor anchors: the shares are of the valid pixels.
-5. Unsupervised CE on reliable pixels only (mean over them) x (valid pixels / reliable pixels)
-   (:func:`u2pl_unsup_loss`; official ``compute_unsupervised_loss`` with ``target != 255``).
-6. Contrastive loss (:func:`~semivss.methods.parts.contrastive.u2pl_contrastive_loss`, both
-   official bugs fixed) on features at the representation stride; labels and masks are
-   downsampled with nearest neighbour as in the official code; invalid pixels carry the ignore
-   label there, so they are neither anchors nor negatives. A batch without ``valid`` counts every
-   pixel as valid.
-L = L_sup + unsup_weight L_unsup + contrastive_weight L_contra (0.1, the paper's value).
-After each optimiser step the teacher's parameters follow the student's by EMA; its BatchNorm
-statistics are its own, collected by its train-mode forward of step 4 (official code), and
-averaged over DDP ranks (the official code uses SyncBN).
-``sup_only_iters`` (official ``sup_only_epoch``: 0 in the Cityscapes config, 1 epoch by default)
-trains on labeled frames only for that many iterations; the teacher is then reset to the student
-and the EMA ramp starts again.
-
-Differences from the official code: plain CE instead of OHEM for the supervised term; the same
-30,000-feature queue size for every class (official: 50,000 for class 0); bilinear upsampling
-with ``align_corners=False`` throughout; at the end of a supervised-only warm-up the teacher
-copies the student's BatchNorm statistics too (the official teacher collects its own during the
-warm-up with an extra forward).
+Student + EMA teacher. The teacher's pseudo-labels of the weak view supervise the student on a
+CutMix strong view; the teacher's entropy splits the pixels: CE on the reliable ones
+(:func:`u2pl_unsup_loss`), the unreliable ones are negatives of the contrastive loss
+(:func:`~semivss.methods.parts.contrastive.u2pl_contrastive_loss`, both official bugs fixed).
+The teacher follows the student's parameters by EMA and keeps its own BatchNorm statistics.
+Steps, Eq. (U2PL-1)..(U2PL-6) and the differences from the official code: docs/methods.md#4-u2pl.
 """
 
 from __future__ import annotations
@@ -43,13 +15,14 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
+from semivss.data.requests import UnlabeledRequest
 from semivss.errors import ConfigError
-from semivss.methods.base import DataSpec, Method, seg_ce_loss, unwrap
+from semivss.methods.base import DataSpec, ExportSpec, Method, seg_ce_loss, unwrap
 from semivss.methods.parts import (
+    BankCheckpoint,
     ClassMemoryBank,
     ContrastiveSettings,
     alpha_schedule,
@@ -65,8 +38,9 @@ from semivss.methods.parts import (
     roll_permutation,
     step_generator,
     u2pl_contrastive_loss,
-    unlabeled_valid,
 )
+from semivss.ops import resize, resize_labels
+from semivss.registry import METHODS
 
 __all__ = ["U2PL", "u2pl_unsup_loss"]
 
@@ -76,33 +50,19 @@ _REP_HEAD_MSG = (
 )
 
 
-def _nearest(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """Nearest-neighbour resize of a (B,H,W) integer / boolean map (F.interpolate 'nearest')."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    y = F.interpolate(x[:, None].float(), size=size, mode="nearest")[:, 0]
-    return y.bool() if x.dtype == torch.bool else y.to(x.dtype)
-
-
-def _upsample(logits: Tensor, size: tuple[int, int]) -> Tensor:
-    if tuple(logits.shape[-2:]) == tuple(size):
-        return logits
-    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-
-
 def u2pl_unsup_loss(
     logits: Tensor,
     pseudo: Tensor,
     ent: Tensor,
     alpha_percent: float,
-    valid: Tensor | None = None,
+    valid: Tensor,
     ignore_index: int = 255,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """U2PL unsupervised loss (SPEC 2.3; paper Eq. 3 with the reliable split of Eq. 5-7):
-    ``(loss, reliable, unreliable)``.
+    """U2PL unsupervised loss (docs/methods.md#41-reliable-and-unreliable-pixels, Eq. (U2PL-4);
+    paper Eq. 3 with the reliable split of Eq. 5-7): ``(loss, reliable, unreliable)``.
 
     ``logits`` (B,C,h,w) student logits (upsampled to the pseudo-label size), ``pseudo`` (B,H,W)
-    teacher argmax, ``ent`` (B,H,W) teacher entropy, ``valid`` (B,H,W) bool (None = all valid).
+    teacher argmax, ``ent`` (B,H,W) teacher entropy, ``valid`` (B,H,W) bool.
     The ``alpha_percent`` % highest-entropy VALID pixels are unreliable, the other valid pixels
     reliable; loss = mean CE over the reliable pixels x (valid pixels / reliable pixels), so it
     equals the loss computed on the valid pixels alone (official: pixels with ``target != 255``).
@@ -110,21 +70,20 @@ def u2pl_unsup_loss(
     with torch.no_grad():
         reliable, unreliable = reliability_split(ent, alpha_percent, valid)
         n_reliable = reliable.sum()
-        if valid is None:
-            scale = float(pseudo.numel()) / n_reliable.clamp(min=1).float()
-        else:
-            scale = valid.sum().float() / n_reliable.clamp(min=1).float()
+        scale = valid.sum().float() / n_reliable.clamp(min=1).float()
         target = pseudo.masked_fill(~reliable, ignore_index)
     return seg_ce_loss(logits, target, ignore_index) * scale, reliable, unreliable
 
 
-class U2PL(Method):
+@METHODS.register("u2pl")
+class U2PL(BankCheckpoint, Method):
     """Student + EMA teacher; reliable-pixel CE and contrastive loss with unreliable negatives."""
 
     name: ClassVar[str] = "u2pl"
 
     class Config(ContrastiveSettings):
-        """``method:`` parameters of U2PL (defaults: SPEC 2.3 / the official Cityscapes config)."""
+        """``method:`` parameters of U2PL (defaults: the official Cityscapes config and the
+        paper's contrastive weight, docs/methods.md#4-u2pl)."""
 
         unsup_weight: float = Field(1.0, ge=0.0)
         contrastive_weight: float = Field(0.1, ge=0.0)
@@ -145,7 +104,7 @@ class U2PL(Method):
 
     def data_spec(self) -> DataSpec:
         """One unlabeled frame per sample (every unlabeled frame of the training videos)."""
-        return DataSpec(unlabeled_frames=1)
+        return DataSpec.of(UnlabeledRequest(frames=1))
 
     def build_models(self, make_model: Callable[[], nn.Module]) -> nn.ModuleDict:
         """``model`` (student, trained) and ``teacher`` (its frozen EMA copy)."""
@@ -162,7 +121,7 @@ class U2PL(Method):
     ) -> dict[str, Tensor]:
         cfg = self.cfg
         student, teacher = models["model"], unwrap(models["teacher"])
-        x_l, y_l = batch["labeled"]["image"], batch["labeled"]["label"]
+        x_l, y_l = batch["labeled"].image, batch["labeled"].label
         if step < cfg.sup_only_iters:  # official ``sup_only_epoch`` warm-up
             out = student(x_l)
             loss_sup = seg_ce_loss(out["logits"], y_l, self.ignore_index)
@@ -172,8 +131,8 @@ class U2PL(Method):
                     "loss_contra": zero, "reliable_ratio": zero}
         if cfg.sup_only_iters > 0 and step == cfg.sup_only_iters:  # teacher := warmed-up student
             ema_update(teacher, unwrap(student), 0, copy_buffers=True)
-        x_u = batch["unlabeled"]["image"][:, 0]
-        valid = unlabeled_valid(batch["unlabeled"])  # None: every pixel valid (older batches)
+        x_u = batch["unlabeled"].image[:, 0]
+        valid = batch["unlabeled"].frame_valid(0)
         n_l, n_u = x_l.shape[0], x_u.shape[0]
         size = (int(x_u.shape[-2]), int(x_u.shape[-1]))
         gen = step_generator()
@@ -181,7 +140,7 @@ class U2PL(Method):
         # 1-2. pseudo-labels from the eval-mode teacher on the weak view; CutMix strong view
         with torch.no_grad():
             teacher.eval()
-            prob_w = torch.softmax(_upsample(teacher(x_u)["logits"].float(), size), dim=1)
+            prob_w = torch.softmax(resize(teacher(x_u)["logits"].float(), size), dim=1)
             conf, pseudo = prob_w.max(dim=1)
             x_s = x_u
             if float(torch.rand((), generator=gen)) < cfg.cutmix_p:
@@ -190,8 +149,7 @@ class U2PL(Method):
                 perm = roll_permutation(n_u, x_u.device)
                 mixed = apply_cutmix(x_u, pseudo, conf, box, perm)
                 x_s, pseudo, conf = mixed  # type: ignore[assignment]
-                if valid is not None:  # a pasted padded region stays invalid
-                    valid = apply_cutmix(None, valid, None, box, perm)[1]
+                valid = apply_cutmix(None, valid, None, box, perm)[1]  # pasted padding stays invalid
 
         # 3. student on labeled + strong unlabeled
         x_all = torch.cat([x_l, x_s])
@@ -207,7 +165,7 @@ class U2PL(Method):
             out_t = teacher(x_all)
             teacher.eval()
             logits_t = out_t["logits"].float()
-            ent = entropy(torch.softmax(_upsample(logits_t[n_l:], size), dim=1))
+            ent = entropy(torch.softmax(resize(logits_t[n_l:], size), dim=1))
             alpha = alpha_schedule(step, max_steps, cfg.alpha0)
 
         # 5. entropy split of the valid pixels; CE on reliable pixels x (valid / reliable pixels)
@@ -215,7 +173,7 @@ class U2PL(Method):
             logits[n_l:], pseudo, ent, alpha, valid, self.ignore_index
         )
         n_reliable = reliable.sum()
-        n_valid = max(pseudo.numel(), 1) if valid is None else valid.sum().clamp(min=1).float()
+        n_valid = valid.sum().clamp(min=1).float()
 
         # 6. contrastive loss with unreliable negatives
         if cfg.contrastive_weight > 0:
@@ -247,7 +205,7 @@ class U2PL(Method):
         alpha: float,
         n_l: int,
         gen: torch.Generator,
-        valid: Tensor | None = None,
+        valid: Tensor,
     ) -> Tensor:
         """Contrastive term (step 6): ``pseudo`` carries the ignore label on invalid pixels, and
         the anchor candidates are the ``alpha`` % lowest-entropy valid pixels."""
@@ -257,13 +215,11 @@ class U2PL(Method):
         small = (int(rep.shape[-2]), int(rep.shape[-1]))
         with torch.no_grad():
             low = entropy_rank_mask(ent, alpha, valid, highest=False)
-            label = torch.cat([_nearest(y_l, small), _nearest(pseudo, small)])
+            label = torch.cat([resize_labels(y_l, small), resize_labels(pseudo, small)])
             ones_l = torch.ones((n_l, *small), dtype=torch.bool, device=rep.device)
-            anchor_mask = torch.cat([ones_l, _nearest(low, small)])
-            negative_mask = torch.cat([ones_l, _nearest(unreliable, small)])
-            prob_t = torch.softmax(logits_t, dim=1)
-            if tuple(prob_t.shape[-2:]) != small:
-                prob_t = F.interpolate(prob_t, size=small, mode="bilinear", align_corners=False)
+            anchor_mask = torch.cat([ones_l, resize_labels(low, small)])
+            negative_mask = torch.cat([ones_l, resize_labels(unreliable, small)])
+            prob_t = resize(torch.softmax(logits_t, dim=1), small)
             is_labeled = torch.arange(label.shape[0], device=rep.device) < n_l
         return u2pl_contrastive_loss(
             rep,
@@ -294,14 +250,6 @@ class U2PL(Method):
             ema_update(teacher, unwrap(models["model"]), t, self.cfg.ema_decay)
             average_buffers(teacher)
 
-    def inference_model(self, models: nn.ModuleDict) -> nn.Module:
+    def export_spec(self, models: nn.ModuleDict) -> ExportSpec:
         """The EMA teacher (what the official code evaluates) unless ``eval_teacher: false``."""
-        return unwrap(models["teacher"] if self.cfg.eval_teacher else models["model"])
-
-    def state_dict(self) -> dict[str, Any]:
-        """The memory bank (needed for an exact resume); nothing with ``checkpoint_bank: false``."""
-        return {"bank": self.bank.state_dict()} if self.cfg.checkpoint_bank else {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "bank" in state:
-            self.bank.load_state_dict(state["bank"], where="checkpoint method state 'bank'")
+        return ExportSpec(("teacher" if self.cfg.eval_teacher else "model",))

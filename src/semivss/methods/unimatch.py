@@ -1,34 +1,12 @@
-"""UniMatch (V1) — weak-to-strong consistency with a feature-perturbation stream and two strong
-views (Yang et al., CVPR 2023; SPEC 2.4; official code LiheYoung/UniMatch ``unimatch.py``).
+"""UniMatch (V1): weak-to-strong consistency with a feature-perturbation stream and two strong
+views (Yang et al., CVPR 2023; official code LiheYoung/UniMatch ``unimatch.py``).
 
-One network, no EMA teacher. Per iteration, with the weak view x_w and two strong views s1, s2
-(independent photometric distortions, ``batch["unlabeled"]["strong"]`` / ``["strong2"]``) of each
-unlabeled frame:
-- s1 and s2 each get their own CutMix box (p = 0.5, area U[0.02, 0.4], aspect ratio
-  U[0.3, 1/0.3]) pasted from the partner sample (i + 1) % B of the same view;
-- one forward of cat(x_l, x_w) whose encoder features (both the low- and the high-level map) of
-  the unlabeled part are duplicated with ``Dropout2d(0.5)``: the decoder returns clean logits for
-  x_l, x_w and the feature-perturbed logits of x_w (official ``need_fp`` path);
-- pseudo-label / confidence = argmax / max softmax of the (detached) weak prediction, mixed with
-  each strong view's box (the partner's own weak prediction inside the box);
-- CE of each stream against its pseudo-label on pixels with confidence >= ``conf_thresh``,
-  summed and divided by the number of pixels;
-    L = (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2   (official weights).
-
-Feature dropout is injected with a temporary forward hook on the model's public ``encoder``
-submodule (the SegModel contract: ``encoder(x) -> (low, high)``, then ``decoder`` and
-``classifier``), so the forward still runs through the (possibly DDP-wrapped) model.
-
-Differences from the official code: the CutMix partner is another sample of the same batch and
-its pseudo-label comes from the same (train-mode) forward, instead of a second unlabeled batch
-predicted in eval mode; only the unlabeled part is decoded twice (the official code also decodes
-perturbed labeled features and discards them); plain CE instead of OHEM for the supervised term.
-
-Padded pixels of the unlabeled crops (``batch["unlabeled"]["valid"]`` False) are excluded as in
-the official code's ``ignore_mask``: the padding mask is mixed with each strong view's box like the
-pseudo-label, invalid pixels get no loss, and each stream's loss is divided by its number of valid
-pixels (so it equals the loss on the valid pixels alone). A batch without ``valid`` counts every
-pixel as valid.
+One network, no EMA teacher. Confident pixels of the weak view's prediction supervise two
+CutMix strong views and a feature-dropout stream of the weak view; the dropout is injected by a
+temporary forward hook on the model's ``encoder``, so the forward still runs through the
+(possibly DDP-wrapped) model. Padded pixels get no loss.
+Eq. (UM-1)..(UM-4), official weights and the differences from the official code:
+docs/methods.md#6-unimatch.
 """
 
 from __future__ import annotations
@@ -43,14 +21,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
 from semivss.errors import ConfigError
+from semivss.data.requests import UnlabeledRequest
 from semivss.methods.base import DataSpec, Method, seg_ce_loss, unwrap
+from semivss.ops import resize
 from semivss.methods.parts import (
     apply_cutmix,
     batch_cutmix_boxes,
     roll_permutation,
     step_generator,
-    unlabeled_valid,
 )
+from semivss.registry import METHODS
 
 __all__ = ["UniMatch", "confident_ce", "feature_dropout"]
 
@@ -87,38 +67,32 @@ def feature_dropout(model: nn.Module, p: float, start: int = 0) -> Iterator[None
         handle.remove()
 
 
-def confident_ce(
-    logits: Tensor, target: Tensor, conf: Tensor, threshold: float, valid: Tensor | None = None
-) -> Tensor:
+def confident_ce(logits: Tensor, target: Tensor, conf: Tensor, threshold: float, valid: Tensor) -> Tensor:
     """UniMatch unlabeled loss (official ``unimatch.py``): per-pixel CE of ``logits`` (upsampled
     bilinearly to the target size) against ``target`` (B,H,W), kept where ``conf >= threshold``
-    and ``valid`` (bool (B,H,W), None = all pixels), summed and divided by the number of valid
-    pixels (official: the non-padding pixels; at least 1)."""
-    if logits.shape[-2:] != target.shape[-2:]:
-        logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+    and ``valid`` (bool (B,H,W)), summed and divided by the number of valid pixels (official: the
+    non-padding pixels; at least 1)."""
+    logits = resize(logits, target.shape[-2:])
     ce = F.cross_entropy(logits.float(), target, reduction="none")
-    if valid is None:
-        keep = (conf >= threshold).to(ce.dtype)
-        return (ce * keep).sum() / max(target.numel(), 1)
     valid = valid.to(target.device).bool()
     keep = ((conf >= threshold) & valid).to(ce.dtype)
     return (ce * keep).sum() / valid.sum().clamp(min=1).to(ce.dtype)
 
 
-def _mask_ratio(conf: Tensor, threshold: float, valid: Tensor | None) -> Tensor:
+def _mask_ratio(conf: Tensor, threshold: float, valid: Tensor) -> Tensor:
     """Share of the valid pixels whose confidence passes the threshold (official ``mask_ratio``)."""
-    if valid is None:
-        return (conf >= threshold).float().mean()
     return ((conf >= threshold) & valid).sum().float() / valid.sum().clamp(min=1).float()
 
 
+@METHODS.register("unimatch")
 class UniMatch(Method):
     """FixMatch-style weak-to-strong training with a feature-perturbation stream (UniMatch V1)."""
 
     name: ClassVar[str] = "unimatch"
 
     class Config(BaseModel):
-        """``method:`` parameters of UniMatch (defaults: SPEC 2.4 / official Pascal config)."""
+        """``method:`` parameters of UniMatch (defaults: official Pascal config,
+        docs/methods.md#6-unimatch)."""
 
         model_config = ConfigDict(extra="forbid")
 
@@ -150,24 +124,23 @@ class UniMatch(Method):
     cfg: Config
 
     def data_spec(self) -> DataSpec:
-        """One unlabeled frame per sample with two strong copies (``strong``, ``strong2``)."""
-        return DataSpec(unlabeled_frames=1, unlabeled_strong=True, unlabeled_strong_copies=2)
+        """One unlabeled frame per sample with two strong copies (``UnlabeledBatch.strong``)."""
+        return DataSpec.of(UnlabeledRequest(frames=1, strong_copies=2))
 
     def training_step(
         self, models: nn.ModuleDict, batch: dict[str, Any], step: int, max_steps: int
     ) -> dict[str, Tensor]:
         cfg = self.cfg
         model = models["model"]
-        x_l, y_l = batch["labeled"]["image"], batch["labeled"]["label"]
+        x_l, y_l = batch["labeled"].image, batch["labeled"].label
         unl = batch["unlabeled"]
-        if "strong" not in unl or "strong2" not in unl:
+        if len(unl.strong) < 2:
             raise ConfigError(
                 "method 'unimatch' needs two strong copies of each unlabeled frame "
-                "(batch['unlabeled']['strong'] and ['strong2']): build UnlabeledClips with "
-                "strong=True, strong_copies=DataSpec.unlabeled_strong_copies"
+                f"(UnlabeledBatch.strong has {len(unl.strong)})"
             )
-        x_w, s1, s2 = unl["image"][:, 0], unl["strong"][:, 0], unl["strong2"][:, 0]
-        valid = unlabeled_valid(unl)  # None: every pixel valid (older batches)
+        x_w, s1, s2 = unl.image[:, 0], unl.strong[0][:, 0], unl.strong[1][:, 0]
+        valid = unl.frame_valid(0)
         n_l, n_u = x_l.shape[0], x_w.shape[0]
         size = (int(x_w.shape[-2]), int(x_w.shape[-1]))
         dev = x_w.device
@@ -191,16 +164,13 @@ class UniMatch(Method):
         pred_s1, pred_s2 = model(torch.cat([s1, s2]))["logits"].chunk(2)  # type: ignore[list-item]
 
         with torch.no_grad():
-            prob = torch.softmax(
-                F.interpolate(pred_w.detach().float(), size=size, mode="bilinear", align_corners=False), dim=1
-            )
+            prob = torch.softmax(resize(pred_w.detach().float(), size), dim=1)
             conf, mask = prob.max(dim=1)
             _, mask1, conf1 = apply_cutmix(None, mask, conf, box1, perm)
             _, mask2, conf2 = apply_cutmix(None, mask, conf, box2, perm)
-            valid1 = valid2 = None
-            if valid is not None:  # a pasted padded region stays invalid
-                valid1 = apply_cutmix(None, valid, None, box1, perm)[1]
-                valid2 = apply_cutmix(None, valid, None, box2, perm)[1]
+            # a pasted padded region stays invalid
+            valid1 = apply_cutmix(None, valid, None, box1, perm)[1]
+            valid2 = apply_cutmix(None, valid, None, box2, perm)[1]
 
         loss_x = seg_ce_loss(pred_x, y_l, self.ignore_index)
         loss_s1 = confident_ce(pred_s1, mask1, conf1, cfg.conf_thresh, valid1)  # type: ignore[arg-type]

@@ -1,4 +1,5 @@
-"""semivss.metrics: confusion-matrix metrics, VC_n and the offset analysis (SPEC sections 1, 3)."""
+"""semivss.metrics: confusion-matrix metrics, VC_n and the offset analysis (docs/methods.md#9-metrics,
+docs/methods.md#10-inner-video-overfitting)."""
 
 from semivss.metrics.confusion import ConfusionMatrix, metrics_from_matrix
 from semivss.metrics.offset import (

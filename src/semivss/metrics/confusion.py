@@ -1,4 +1,5 @@
-"""Confusion-matrix segmentation metrics (SPEC section 3, VSPW official definitions).
+"""Confusion-matrix segmentation metrics (VSPW official definitions; docs/methods.md#9-metrics,
+Eq. (MET-1)..(MET-4)).
 
 The matrix is accumulated over all annotated frames of a split; pixels whose ground truth is the
 ignore index are dropped. Rows are ground-truth classes, columns predictions, plus one extra column
@@ -48,7 +49,7 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 
 
 class ConfusionMatrix:
-    """Streaming confusion matrix of ``num_classes`` classes (SPEC section 3).
+    """Streaming confusion matrix of ``num_classes`` classes (docs/methods.md#9-metrics).
 
     ``update`` costs one ``bincount`` over the pixels; matrices merge with ``merge`` or ``+`` and sum
     over distributed ranks with ``all_reduce``.
@@ -179,7 +180,7 @@ class ConfusionMatrix:
 
 
 def metrics_from_matrix(raw: np.ndarray) -> dict[str, Any]:
-    """IoU-family metrics of a (C, C) or (C, C+1) confusion matrix (SPEC section 3).
+    """IoU-family metrics of a (C, C) or (C, C+1) confusion matrix (Eq. (MET-1)..(MET-4)).
 
     Returns ``iou`` (C,) with IoU_c = TP/(TP+FP+FN), NaN where the class is absent from both the
     ground truth and the prediction; ``mIoU`` = mean IoU over classes present in the ground truth;

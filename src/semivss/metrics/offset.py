@@ -1,8 +1,8 @@
-"""Inner-video offset analysis (SPEC section 1; IFR seed, Table 2).
+"""Inner-video offset analysis (IFR paper, Table 2; docs/methods.md#10-inner-video-overfitting).
 
 Every annotated frame is scored and grouped by its signed offset (in frame positions) from the
 nearest labeled frame of its video; per offset the confusion matrices of its frames are pooled and
-the mIoU (mean over classes present in the ground truth, SPEC section 3) is reported, separately
+the mIoU (mean over classes present in the ground truth, Eq. (MET-2)) is reported, separately
 per subset ("train videos", "held-out videos") and per model. The offsets themselves come from
 ``semivss.data.splits.nearest_labeled_offset``.
 """
@@ -198,7 +198,7 @@ def offset_table(
     ignore_index: int = 255,
     absolute: bool = False,
 ) -> OffsetTable:
-    """Pool per-frame confusion matrices by signed offset and score each pool (SPEC section 1).
+    """Pool per-frame confusion matrices by signed offset and score each pool (Eq. (OFF-2)).
 
     ``frames`` maps a frame key (e.g. ``FrameRef``) to a ``ConfusionMatrix``, a (C, C) / (C, C+1)
     count matrix, or a ``(pred, gt)`` pair (then ``num_classes`` is required). Frames without an

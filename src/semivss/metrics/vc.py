@@ -1,15 +1,11 @@
-"""Video consistency VC_n (SPEC section 3; VSPW official ``VC_perclip.py`` definition).
+"""Video consistency VC_n (VSPW official ``VC_perclip.py`` definition; docs/methods.md#9-metrics,
+Eq. (MET-5)).
 
-For a video of T annotated frames and each window start i in 0..T-n-1 (T-n windows: the official
-code never scores the window that ends at the last frame; videos with T <= n contribute nothing):
-gt_common = pixels whose ground-truth label is equal in all n frames i..i+n-1 (void included),
-pred_common likewise for the prediction, score_i = |pred_common & gt_common| / |gt_common|.
-VC_n = mean of score_i over all windows of all videos, windows with an empty gt_common (NaN)
-skipped.
-
-The streaming accumulator keeps, per video, only the previous frame and per-pixel run lengths of
-unchanged labels: a pixel is common to the n-frame window ending at frame j iff its label has been
-unchanged for at least n frames up to j. That is O(H W) per frame whatever n is.
+For a video of T annotated frames and each window start i in 0..T-n-1 (T-n windows, as the
+official code; videos with T <= n contribute nothing): score_i = |pred_common & gt_common| /
+|gt_common|, where gt_common / pred_common are the pixels whose ground-truth / predicted label is
+constant over frames i..i+n-1; VC_n = mean over all windows of all videos, NaN windows skipped. The streaming accumulator keeps per video only the
+previous frame and per-pixel run lengths of unchanged labels: O(H W) per frame whatever n is.
 """
 
 from __future__ import annotations
@@ -49,7 +45,7 @@ class _VideoState:
 
 
 class VideoConsistency:
-    """Streaming VC_n accumulator (SPEC section 3) for several window lengths ``ns`` at once.
+    """Streaming VC_n accumulator (Eq. (MET-5)) for several window lengths ``ns`` at once.
 
     Feed the annotated frames of each video in temporal order with ``update(video, pred, gt)``;
     videos may be interleaved; ``finish(video)`` frees a finished video's state (one frame and
@@ -194,6 +190,6 @@ def vc_window_scores(preds: Sequence[ArrayLike], gts: Sequence[ArrayLike], n: in
 
 
 def video_consistency(preds: Sequence[ArrayLike], gts: Sequence[ArrayLike], n: int) -> float:
-    """VC_n of one video: mean of its non-NaN window scores; NaN when T <= n (SPEC section 3)."""
+    """VC_n of one video: mean of its non-NaN window scores; NaN when T <= n (Eq. (MET-5))."""
     scores = [s for s in vc_window_scores(preds, gts, n) if not math.isnan(s)]
     return float(np.mean(scores)) if scores else math.nan

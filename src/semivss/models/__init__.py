@@ -1,5 +1,9 @@
 """semivss.models: encoders (torchvision key names), DeepLabV3+/PSPNet heads, transformers
-SegFormer/UperNet/Mask2Former wrappers (``semivss.models.hf``), ``build_model``."""
+SegFormer/UperNet/Mask2Former wrappers (``semivss.models.hf``), ``build_model``.
+
+Importing this package registers the built-in arches (:data:`semivss.registry.ARCHS`): the
+modules imported below register theirs; a new arch module is one more import line here
+(docs/extending.md)."""
 
 from semivss.models.backbones import (
     ENCODER_NAMES,
@@ -9,7 +13,7 @@ from semivss.models.backbones import (
     build_encoder,
     count_parameters,
 )
-from semivss.models.config import HF_ARCHS, VARIANTS, ModelConfig
+from semivss.models.config import ModelConfig, arch_variants, transformer_archs
 from semivss.models.heads import (
     ASPP,
     DeepLabV3PlusDecoder,
@@ -26,7 +30,13 @@ from semivss.models.hf import (
     hf_config_for,
     mask2former_semantic_probs,
 )
-from semivss.models.segmodel import SegModel, build_model, default_feature_dim
+from semivss.models.segmodel import (
+    SegModel,
+    build_deeplabv3plus,
+    build_model,
+    build_pspnet,
+    default_feature_dim,
+)
 from semivss.models.weights import (
     LoadReport,
     imagenet_weights_path,
@@ -39,8 +49,6 @@ from semivss.models.weights import (
 __all__ = [
     "ASPP",
     "ENCODER_NAMES",
-    "HF_ARCHS",
-    "VARIANTS",
     "DeepLabV3PlusDecoder",
     "Encoder",
     "HFSegModel",
@@ -55,9 +63,12 @@ __all__ = [
     "SegModel",
     "SegformerSegModel",
     "UperNetSegModel",
+    "arch_variants",
+    "build_deeplabv3plus",
     "build_encoder",
     "build_hf_model",
     "build_model",
+    "build_pspnet",
     "count_parameters",
     "default_feature_dim",
     "hf_config_for",
@@ -67,4 +78,5 @@ __all__ = [
     "mask2former_semantic_probs",
     "read_state_dict",
     "save_weights",
+    "transformer_archs",
 ]

@@ -225,7 +225,7 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
-_RESNET_SPECS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, int, int]]] = {
+_RESNET_LAYOUTS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, int, int]]] = {
     "resnet18": (BasicBlock, (2, 2, 2, 2)),
     "resnet34": (BasicBlock, (3, 4, 6, 3)),
     "resnet50": (Bottleneck, (3, 4, 6, 3)),
@@ -244,12 +244,12 @@ class ResNet(Encoder):
 
     def __init__(self, name: str = "resnet50", output_stride: int = 16):
         super().__init__()
-        if name not in _RESNET_SPECS:
+        if name not in _RESNET_LAYOUTS:
             raise ConfigError(
-                f"model.backbone: unknown ResNet {name!r}; choose from {sorted(_RESNET_SPECS)}"
+                f"model.backbone: unknown ResNet {name!r}; choose from {sorted(_RESNET_LAYOUTS)}"
             )
         _check_output_stride(output_stride)
-        block, layers = _RESNET_SPECS[name]
+        block, layers = _RESNET_LAYOUTS[name]
         dilate = {8: (False, True, True), 16: (False, False, True)}[output_stride]
         self.inplanes, self.dilation = 64, 1
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
@@ -304,14 +304,14 @@ class ResNet(Encoder):
         return low, high
 
 
-ENCODER_NAMES: tuple[str, ...] = ("mobilenet_v2", *_RESNET_SPECS)
+ENCODER_NAMES: tuple[str, ...] = ("mobilenet_v2", *_RESNET_LAYOUTS)
 
 
 def build_encoder(name: str, output_stride: int = 16) -> Encoder:
     """Encoder by name (``model.backbone``), randomly initialised as torchvision does."""
     if name == "mobilenet_v2":
         return MobileNetV2(output_stride)
-    if name in _RESNET_SPECS:
+    if name in _RESNET_LAYOUTS:
         return ResNet(name, output_stride)
     raise ConfigError(f"model.backbone: unknown backbone {name!r}; choose from {ENCODER_NAMES}")
 

@@ -7,22 +7,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Arch = Literal["deeplabv3plus", "pspnet", "segformer", "mask2former", "upernet"]
+from semivss.registry import ARCHS
+
 Backbone = Literal["mobilenet_v2", "resnet18", "resnet34", "resnet50", "resnet101"]
 
-CNN_ARCHS: tuple[str, ...] = ("deeplabv3plus", "pspnet")
-HF_ARCHS: tuple[str, ...] = ("segformer", "mask2former", "upernet")
 SEGFORMER_VARIANTS: tuple[str, ...] = ("b0", "b1", "b2", "b3", "b4", "b5")
 SWIN_VARIANTS: tuple[str, ...] = ("swin-tiny", "swin-small", "swin-base", "swin-large")
 CONVNEXT_VARIANTS: tuple[str, ...] = (
     "convnext-tiny", "convnext-small", "convnext-base", "convnext-large",
 )
-#: Valid ``model.variant`` values per transformers arch (the first one is the default).
-VARIANTS: dict[str, tuple[str, ...]] = {
-    "segformer": SEGFORMER_VARIANTS,
-    "mask2former": SWIN_VARIANTS,
-    "upernet": SWIN_VARIANTS + CONVNEXT_VARIANTS,
-}
 #: ``hf_config`` keys semivss sets itself (from the dataset / the wrapper contract).
 RESERVED_HF_KEYS: tuple[str, ...] = (
     "num_labels", "id2label", "label2id", "use_auxiliary_head", "model_type", "return_dict",
@@ -30,6 +23,37 @@ RESERVED_HF_KEYS: tuple[str, ...] = (
 _CNN_DEFAULTS: dict[str, Any] = {
     "backbone": "mobilenet_v2", "output_stride": 16, "feature_dim": None, "rep_head": False,
 }
+
+
+def archs_with(flag: str, default: bool = False) -> tuple[str, ...]:
+    """Registered arches (:data:`semivss.registry.ARCHS`) whose registration sets ``flag``
+    (``ARCHS.register(name, transformer=True, ...)``; ``default`` when it does not say).
+
+    Flags read by semivss: ``transformer`` (built by :mod:`semivss.models.hf`: sized by
+    ``model.variant``/``model.hf_config``, not by the CNN keys), ``rep_head`` (supports the U2PL
+    representation head) and ``classify`` (``model.classify(feature)`` works; default true)."""
+    return tuple(n for n in ARCHS.names() if ARCHS.meta(n).get(flag, default))
+
+
+def transformer_archs() -> tuple[str, ...]:
+    """Arches registered with ``transformer=True`` (segformer, mask2former, upernet built in)."""
+    return archs_with("transformer")
+
+
+def cnn_archs() -> tuple[str, ...]:
+    """Arches sized by the CNN keys ``backbone``/``output_stride``/``feature_dim``."""
+    hf = transformer_archs()
+    return tuple(n for n in ARCHS.names() if n not in hf)
+
+
+def arch_variants(arch: str) -> tuple[str, ...]:
+    """Valid ``model.variant`` values of ``arch`` (registration keyword ``variants``; the first
+    one is the default; empty for arches without variants)."""
+    return tuple(ARCHS.meta(arch).get("variants", ()))
+
+
+def _names(names: tuple[str, ...]) -> str:
+    return ", ".join(names) if names else "(none)"
 
 
 class ModelConfig(BaseModel):
@@ -44,7 +68,7 @@ class ModelConfig(BaseModel):
     Transformer arches (``segformer``, ``mask2former``, ``upernet``; built by
     :mod:`semivss.models.hf` from ``transformers``): ``variant`` picks the published size
     (SegFormer ``b0``..``b5``; Mask2Former ``swin-*``; UperNet ``swin-*``/``convnext-*``; default
-    the first of :data:`VARIANTS`), ``hf_config`` overrides keys of the transformers config (a
+    the first of :func:`arch_variants`), ``hf_config`` overrides keys of the transformers config (a
     ``backbone_config`` sub-dict is merged into the backbone's config), and ``pretrained`` is
     ``None`` or a local ``save_pretrained`` directory (``"imagenet"`` is an error; left unset it
     defaults to ``None``). The CNN-only keys ``backbone``, ``output_stride``, ``feature_dim`` and
@@ -54,7 +78,7 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    arch: Arch = "deeplabv3plus"
+    arch: str = "deeplabv3plus"  # a name registered in semivss.registry.ARCHS
     backbone: Backbone = "mobilenet_v2"
     output_stride: Literal[8, 16] = 16
     pretrained: str | None = "imagenet"
@@ -67,6 +91,11 @@ class ModelConfig(BaseModel):
     # .pth/.safetensors state dict), applied after ``pretrained``
     init_from: str | None = None
 
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        return ARCHS.check_name(value)
+
     @field_validator("pretrained", "init_from")
     @classmethod
     def _none_string(cls, value: str | None) -> str | None:
@@ -76,19 +105,14 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_arch_keys(self) -> ModelConfig:
-        if self.arch in HF_ARCHS:
+        if self.arch in transformer_archs():
             if "pretrained" not in self.model_fields_set:
                 self.pretrained = None  # the CNN default "imagenet" means nothing here
-            if self.variant is None:
-                self.variant = VARIANTS[self.arch][0]
+            if self.variant is None and arch_variants(self.arch):
+                self.variant = arch_variants(self.arch)[0]
         problem = config_problem(self)
         if problem is not None:
             raise ValueError(problem)
-        if self.rep_head and self.arch != "deeplabv3plus":
-            raise ValueError(
-                "model.rep_head: true requires model.arch: deeplabv3plus "
-                f"(got arch {self.arch!r}); the U2PL representation head uses the ASPP output"
-            )
         return self
 
 
@@ -96,30 +120,32 @@ def config_problem(cfg: ModelConfig) -> str | None:
     """The first inconsistency between ``cfg.arch`` and the arch-specific keys, as a message
     naming the key, or ``None``. Used by the pydantic validator and again by ``build_model``
     (which raises :class:`~semivss.errors.ConfigError`) for configs built without validation."""
-    if cfg.arch in CNN_ARCHS:
+    if cfg.arch not in ARCHS:
+        return ARCHS.unknown(cfg.arch)
+    if cfg.rep_head and not ARCHS.meta(cfg.arch).get("rep_head", False):
+        return (
+            f"model.rep_head: true requires model.arch: {' or '.join(archs_with('rep_head'))}, "
+            f"not {cfg.arch!r} (the U2PL representation head uses the ASPP output)"
+        )
+    hf_archs = transformer_archs()
+    if cfg.arch not in hf_archs:
         if cfg.variant is not None:
             return (
-                f"model.variant: {cfg.variant!r} applies to the transformer arches {HF_ARCHS} "
-                f"only; arch {cfg.arch!r} takes model.backbone"
+                f"model.variant: {cfg.variant!r} applies to the transformer arches "
+                f"({_names(hf_archs)}) only; arch {cfg.arch!r} takes model.backbone"
             )
         if cfg.hf_config:
             return (
-                f"model.hf_config applies to the transformer arches {HF_ARCHS} only, "
+                f"model.hf_config applies to the transformer arches ({_names(hf_archs)}) only, "
                 f"not to arch {cfg.arch!r}"
             )
         return None
-    if cfg.arch not in HF_ARCHS:
-        return f"model.arch: unknown architecture {cfg.arch!r}"
-    if cfg.rep_head:
-        return (
-            f"model.rep_head: true requires model.arch: deeplabv3plus, not {cfg.arch!r} (the "
-            "U2PL representation head uses the ASPP output)"
-        )
     for key, default in _CNN_DEFAULTS.items():
         value = getattr(cfg, key)
         if value != default:
             return (
-                f"model.{key}: {value!r} applies to the CNN arches {CNN_ARCHS} only; arch "
+                f"model.{key}: {value!r} applies to the CNN arches ({_names(cnn_archs())}) only; "
+                f"arch "
                 f"{cfg.arch!r} is sized by model.variant and model.hf_config (leave model.{key} "
                 f"at its default {default!r})"
             )
@@ -134,11 +160,12 @@ def config_problem(cfg: ModelConfig) -> str | None:
             "local directory written by transformers' save_pretrained (config.json + weights), "
             "or to none"
         )
-    variant = cfg.variant if cfg.variant is not None else VARIANTS[cfg.arch][0]
-    if variant not in VARIANTS[cfg.arch]:
+    variants = arch_variants(cfg.arch)
+    variant = cfg.variant if cfg.variant is not None else (variants[0] if variants else None)
+    if variant is not None and variant not in variants:
         return (
             f"model.variant: unknown variant {variant!r} for arch {cfg.arch!r}; choose one of "
-            f"{list(VARIANTS[cfg.arch])}"
+            f"{list(variants)}"
         )
     return _hf_config_problem(cfg)
 
@@ -165,7 +192,7 @@ def _hf_config_problem(cfg: ModelConfig) -> str | None:
             if "model_type" in value:
                 return (
                     "model.hf_config.backbone_config.model_type is set by model.variant "
-                    f"({list(VARIANTS[cfg.arch])}); remove it"
+                    f"({list(arch_variants(cfg.arch))}); remove it"
                 )
     both = cfg.dropout != 0.1 and "classifier_dropout_prob" in cfg.hf_config
     if cfg.arch == "segformer" and both:

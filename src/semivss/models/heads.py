@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from semivss.ops import resize
 
 __all__ = [
     "ASPP",
@@ -31,13 +32,6 @@ def _conv_bn_relu(inp: int, oup: int, kernel: int, dilation: int = 1) -> nn.Sequ
         nn.BatchNorm2d(oup),
         nn.ReLU(inplace=True),
     )
-
-
-def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
-    """Bilinear resize (align_corners=False) keeping dtype and memory format."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def aspp_rates(output_stride: int) -> tuple[int, int, int]:
@@ -89,8 +83,8 @@ class ASPP(nn.Module):
 
 
 class RepresentationHead(nn.Module):
-    """U2PL representation head (SPEC 2.3): concat(low-level projected to 256, upsampled ASPP 256)
-    at stride 4 -> [conv3x3 256, BN, ReLU, Dropout2d] x2 -> conv1x1 ``out_channels``."""
+    """U2PL representation head (docs/methods.md#4-u2pl): concat(low-level projected to 256,
+    upsampled ASPP 256) at stride 4 -> [conv3x3 256, BN, ReLU, Dropout2d] x2 -> conv1x1 ``out_channels``."""
 
     def __init__(
         self, low_channels: int, aspp_channels: int = 256, out_channels: int = 256,
@@ -138,7 +132,7 @@ class DeepLabV3PlusDecoder(nn.Module):
         self.stride = 4
 
     def forward(self, low: Tensor, high: Tensor) -> dict[str, Tensor]:
-        aspp_up = _resize(self.aspp(high), low.shape[-2:])
+        aspp_up = resize(self.aspp(high), low.shape[-2:])
         out = {"feature": self.fuse(torch.cat([self.low_proj(low), aspp_up], dim=1))}
         if self.rep is not None:
             out["rep"] = self.rep(low, aspp_up)
@@ -165,7 +159,7 @@ class PyramidPooling(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         size = x.shape[-2:]
-        return torch.cat([x] + [_resize(stage(x), size) for stage in self.stages], dim=1)
+        return torch.cat([x] + [resize(stage(x), size) for stage in self.stages], dim=1)
 
 
 class PSPDecoder(nn.Module):

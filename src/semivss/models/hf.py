@@ -1,30 +1,13 @@
 """Transformer segmentation networks from ``transformers`` behind the SegModel contract.
 
 ``model.arch`` ``segformer`` (MiT-b0..b5 + all-MLP decoder), ``upernet`` (Swin or ConvNeXt +
-UperNet head, auxiliary FCN head disabled) and ``mask2former`` (Swin + multi-scale deformable
-pixel decoder + masked-attention transformer decoder). Each is built from a transformers config
-(no download: :func:`hf_config_for` merges the published size of ``model.variant`` with the
-``model.hf_config`` overrides) and optionally loaded from a local ``save_pretrained`` directory.
-
-Every wrapper's ``forward(x)`` takes an ImageNet-normalised ``(B,3,H,W)`` float tensor (the
-normalisation of the SegFormer/Swin/ConvNeXt processors, ``semivss.data.transforms.MEAN/STD``)
-and returns ``{"logits": (B,C,h,w), "feature": (B,D,h,w)}`` at ``stride`` 4
-(h ~= H/4; exact ``ceil(H/4)`` for SegFormer and Swin, ``floor`` for ConvNeXt).
-
-SegFormer / UperNet: ``feature`` is the decode head's fused map (SegFormer: after its BN-ReLU
-and dropout; UperNet: the ``fpn_bottleneck`` output) and the decode head's 1x1 classifier lives
-in ``model.classifier``, so ``classify(out["feature"]) == out["logits"]`` in train and eval mode
-(IFR feature reconstruction works unchanged).
-
-Mask2Former (SPEC 2.5): the semantic map is ``s_c = sum_q softmax(class_q)[c] * sigmoid(mask_q)``
-over the C real classes (the no-object class dropped), which is not a distribution. The wrapper
-normalises it, ``p = s / sum_c s`` (``s`` clamped at ``1e-6``), and returns ``logits = log p``
-(so ``softmax(logits) == p`` exactly and argmax / softmax TTA / entropy consumers work
-unchanged), ``probs = p`` and ``feature`` = the pixel decoder's per-pixel mask embedding
-(stride 4). ``classify`` is unavailable: the semantic map is not a function of that feature
-alone. Supported training objective: the semivss methods' cross-entropy on ``logits`` = the NLL
-of the normalised semantic distribution ``p`` at the final decoder layer. Mask2Former's own
-Hungarian-matched set loss (mask BCE + dice + class CE, deep supervision) is not used.
+UperNet head) and ``mask2former`` (Swin + masked-attention decoder), built from a transformers
+config (no download: :func:`hf_config_for`) and optionally loaded from a local
+``save_pretrained`` directory. ``forward(x)`` takes an ImageNet-normalised ``(B,3,H,W)`` tensor
+and returns ``{"logits", "feature"}`` at stride 4. SegFormer / UperNet expose their 1x1
+classifier (``classify``, so IFR works); Mask2Former returns ``logits = log p`` of its
+class-normalised semantic map and has no ``classify``.
+Details and reasons: docs/methods.md#73-transformer-models-and-label-maps.
 """
 
 from __future__ import annotations
@@ -35,7 +18,7 @@ import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -43,14 +26,16 @@ from torch import Tensor, nn
 from semivss.errors import ConfigError
 from semivss.models.config import (
     CONVNEXT_VARIANTS,
-    HF_ARCHS,
     SEGFORMER_VARIANTS,
     SWIN_VARIANTS,
-    VARIANTS,
     ModelConfig,
+    arch_variants,
+    archs_with,
     config_problem,
+    transformer_archs,
 )
 from semivss.models.weights import LoadReport
+from semivss.registry import ARCHS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig, PreTrainedModel
@@ -123,26 +108,26 @@ assert tuple(CONVNEXT_SIZES) == CONVNEXT_VARIANTS
 #: Lower clamp of the unnormalised Mask2Former semantic score before normalisation.
 SEMANTIC_EPS = 1e-6
 _BACKBONE_EXTRA_KEYS = ("out_features", "out_indices")
-_MODEL_TYPE = {"segformer": "segformer", "upernet": "upernet", "mask2former": "mask2former"}
-#: Checkpoint tensors that may differ in shape (class count) and are re-initialised.
-_CLASS_KEYS = {
-    "segformer": ("decode_head.classifier.",),
-    "upernet": ("decode_head.classifier.", "auxiliary_head."),
-    "mask2former": ("class_predictor.", "criterion.empty_weight"),
-}
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
+
+
+def _wrapper(arch: str) -> type[HFSegModel]:
+    """The wrapper class registered for the transformers arch ``arch``."""
+    wrapper = ARCHS.meta(arch).get("wrapper") if arch in ARCHS else None
+    if wrapper is None:
+        raise ConfigError(
+            f"model.arch: {arch!r} is not a transformers arch ({', '.join(transformer_archs())})"
+        )
+    return wrapper
 
 
 def _config_classes(arch: str) -> tuple[type, type]:
     """(config class, model class) of ``arch`` (imports transformers lazily: ~4 s)."""
     import transformers as tf
 
-    return {
-        "segformer": (tf.SegformerConfig, tf.SegformerForSemanticSegmentation),
-        "upernet": (tf.UperNetConfig, tf.UperNetForSemanticSegmentation),
-        "mask2former": (tf.Mask2FormerConfig, tf.Mask2FormerForUniversalSegmentation),
-    }[arch]
+    config_name, model_name = _wrapper(arch).hf_classes
+    return getattr(tf, config_name), getattr(tf, model_name)
 
 
 def _allowed_keys(config_cls: type, extra: tuple[str, ...] = ()) -> set[str]:
@@ -159,7 +144,7 @@ def _check_keys(given: dict[str, Any], allowed: set[str], where: str) -> None:
 
 
 def _variant(cfg: ModelConfig) -> str:
-    return cfg.variant if cfg.variant is not None else VARIANTS[cfg.arch][0]
+    return cfg.variant if cfg.variant is not None else arch_variants(cfg.arch)[0]
 
 
 def hf_config_kwargs(cfg: ModelConfig, num_classes: int) -> dict[str, Any]:
@@ -251,7 +236,7 @@ def _load_pretrained(
     except (OSError, ValueError, AttributeError) as exc:
         raise ConfigError(f"model.pretrained: {config_file} is not a valid JSON config: {exc}") \
             from None
-    if model_type != _MODEL_TYPE[arch]:
+    if model_type != _wrapper(arch).arch:
         raise ConfigError(
             f"model.pretrained: {config_file} is a {model_type!r} model, model.arch is {arch!r}"
         )
@@ -261,7 +246,7 @@ def _load_pretrained(
             str(path), config=config, local_files_only=True, ignore_mismatched_sizes=True,
             output_loading_info=True, dtype=torch.float32,
         )
-    class_keys = _CLASS_KEYS[arch]
+    class_keys = _wrapper(arch).class_keys
     mismatched = sorted(str(item[0]) for item in info.get("mismatched_keys", ()))
     wrong = [k for k in mismatched if not k.startswith(class_keys)]
     if wrong:
@@ -296,10 +281,19 @@ def _load_pretrained(
 class HFSegModel(nn.Module):
     """Base of the transformers wrappers: the attributes of ``SegModel`` (``num_classes``,
     ``feature_dim``, ``stride``, ``output_stride_total``, ``has_rep_head = False``,
-    ``load_report``) and ``param_groups``. ``net`` is the transformers model."""
+    ``load_report``) and ``param_groups``. ``net`` is the transformers model.
+
+    A subclass decorated with :func:`_transformers_arch` is the arch ``arch`` (also the
+    ``model_type`` of its ``config.json``), built from the transformers classes named in
+    ``hf_classes`` (config, model), sized by ``variants`` (the first is the default);
+    ``class_keys`` prefix the checkpoint tensors whose shape depends on the class count."""
 
     has_rep_head = False
     supports_classify = True
+    arch: ClassVar[str]
+    hf_classes: ClassVar[tuple[str, str]]
+    variants: ClassVar[tuple[str, ...]]
+    class_keys: ClassVar[tuple[str, ...]]
 
     def __init__(self, net: PreTrainedModel, num_classes: int, feature_dim: int,
                  stride: int) -> None:
@@ -339,9 +333,28 @@ def _detach_classifier(net: PreTrainedModel) -> nn.Conv2d:
     return classifier
 
 
+def _build_registered(cfg: ModelConfig, num_classes: int) -> HFSegModel:
+    return build_hf_model(cfg, num_classes)
+
+
+def _transformers_arch(wrapper: type[HFSegModel]) -> type[HFSegModel]:
+    """Class decorator: register ``wrapper`` as the transformers arch ``wrapper.arch`` in
+    :data:`semivss.registry.ARCHS` (built by :func:`build_hf_model`; transformers is imported
+    only then)."""
+    ARCHS.register(wrapper.arch, _build_registered, transformer=True, variants=wrapper.variants,
+                   classify=wrapper.supports_classify, wrapper=wrapper)
+    return wrapper
+
+
+@_transformers_arch
 class SegformerSegModel(HFSegModel):
     """SegFormer (Xie et al. 2021): MiT encoder, all-MLP decode head; ``feature`` = fused map
     after BN, ReLU and dropout (``decoder_hidden_size`` channels, stride 4)."""
+
+    arch = "segformer"
+    hf_classes = ("SegformerConfig", "SegformerForSemanticSegmentation")
+    variants = SEGFORMER_VARIANTS
+    class_keys = ("decode_head.classifier.",)
 
     def __init__(self, net: PreTrainedModel, num_classes: int) -> None:
         cfg = net.config
@@ -358,9 +371,15 @@ class SegformerSegModel(HFSegModel):
         return {"logits": self.classifier(feature), "feature": feature}
 
 
+@_transformers_arch
 class UperNetSegModel(HFSegModel):
     """UperNet (Xiao et al. 2018) on Swin/ConvNeXt: PPM + FPN; ``feature`` = the
     ``fpn_bottleneck`` output (``hidden_size`` channels, stride 4). No auxiliary head."""
+
+    arch = "upernet"
+    hf_classes = ("UperNetConfig", "UperNetForSemanticSegmentation")
+    variants = SWIN_VARIANTS + CONVNEXT_VARIANTS
+    class_keys = ("decode_head.classifier.", "auxiliary_head.")
 
     def __init__(self, net: PreTrainedModel, num_classes: int) -> None:
         cfg = net.config
@@ -377,10 +396,10 @@ class UperNetSegModel(HFSegModel):
 
 
 def mask2former_semantic_probs(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
-    """Normalised Mask2Former semantic map (SPEC 2.5): ``s = einsum(softmax(class)[..., :C],
-    sigmoid(mask))`` over queries, ``p = s / sum_c s`` with ``s`` clamped at
-    :data:`SEMANTIC_EPS`. ``class_logits`` (B,Q,C+1), ``mask_logits`` (B,Q,h,w) -> (B,C,h,w),
-    computed in float32."""
+    """Normalised Mask2Former semantic map (docs/methods.md#73-transformer-models-and-label-maps):
+    ``s = einsum(softmax(class)[..., :C], sigmoid(mask))`` over queries, ``p = s / sum_c s`` with
+    ``s`` clamped at :data:`SEMANTIC_EPS`. ``class_logits`` (B,Q,C+1), ``mask_logits`` (B,Q,h,w)
+    -> (B,C,h,w), computed in float32."""
     with torch.autocast(device_type=class_logits.device.type, enabled=False):
         cls = class_logits.float().softmax(-1)[..., :-1]
         score = torch.einsum("bqc,bqhw->bchw", cls, mask_logits.float().sigmoid())
@@ -388,6 +407,7 @@ def mask2former_semantic_probs(class_logits: Tensor, mask_logits: Tensor) -> Ten
         return score / score.sum(1, keepdim=True)
 
 
+@_transformers_arch
 class Mask2FormerSegModel(HFSegModel):
     """Mask2Former (Cheng et al. 2022) on Swin. ``forward`` returns ``logits = log p`` with ``p``
     the normalised semantic map (:func:`mask2former_semantic_probs`), ``probs = p`` and
@@ -395,6 +415,10 @@ class Mask2FormerSegModel(HFSegModel):
     ``classify`` raises: there is no per-pixel classifier."""
 
     supports_classify = False
+    arch = "mask2former"
+    hf_classes = ("Mask2FormerConfig", "Mask2FormerForUniversalSegmentation")
+    variants = SWIN_VARIANTS
+    class_keys = ("class_predictor.", "criterion.empty_weight")
 
     def __init__(self, net: PreTrainedModel, num_classes: int) -> None:
         cfg = net.config
@@ -412,18 +436,11 @@ class Mask2FormerSegModel(HFSegModel):
 
     def classify(self, feature: Tensor) -> Tensor:
         raise ConfigError(
-            "model.arch: mask2former's semantic map is not a function of the per-pixel feature "
+            f"model.arch: {self.arch}'s semantic map is not a function of the per-pixel feature "
             "alone (it mixes query class scores and query masks), so IFR-style feature "
-            "classification (model.classify) is not available for mask2former; use segformer "
-            "or upernet"
+            f"classification (model.classify) is not available for {self.arch}; use one of "
+            f"{', '.join(archs_with('classify', default=True))}"
         )
-
-
-_WRAPPERS: dict[str, type[HFSegModel]] = {
-    "segformer": SegformerSegModel,
-    "upernet": UperNetSegModel,
-    "mask2former": Mask2FormerSegModel,
-}
 
 
 def build_hf_model(cfg: ModelConfig, num_classes: int) -> HFSegModel:
@@ -431,8 +448,7 @@ def build_hf_model(cfg: ModelConfig, num_classes: int) -> HFSegModel:
     the transformers initialisers, drawn from torch's global RNG) or load ``cfg.pretrained`` (a
     local ``save_pretrained`` directory; ``model.load_report`` says what was loaded). Returned
     in train mode."""
-    if cfg.arch not in HF_ARCHS:
-        raise ConfigError(f"model.arch: {cfg.arch!r} is not a transformers arch {HF_ARCHS}")
+    wrapper = _wrapper(cfg.arch)
     config = hf_config_for(cfg, num_classes)
     report: LoadReport | None = None
     pretrained = cfg.pretrained
@@ -446,6 +462,7 @@ def build_hf_model(cfg: ModelConfig, num_classes: int) -> HFSegModel:
             raise ConfigError(
                 f"model.hf_config: cannot build {cfg.arch} {_variant(cfg)}: {exc}"
             ) from None
-    model = _WRAPPERS[cfg.arch](net, num_classes)
+    model = wrapper(net, num_classes)
     model.load_report = report
     return model.train()
+

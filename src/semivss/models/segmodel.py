@@ -8,14 +8,15 @@ from torch import Tensor, nn
 
 from semivss.errors import ConfigError, DataError
 from semivss.models.backbones import Encoder, build_encoder
-from semivss.models.config import HF_ARCHS, ModelConfig
+from semivss.models.config import ModelConfig, config_problem
 from semivss.models.heads import DeepLabV3PlusDecoder, PSPDecoder, init_head
 from semivss.models.weights import LoadReport, load_encoder_weights, load_model_weights
+from semivss.registry import ARCHS
 
 if TYPE_CHECKING:
     from semivss.models.hf import HFSegModel
 
-__all__ = ["SegModel", "build_model", "default_feature_dim"]
+__all__ = ["SegModel", "build_deeplabv3plus", "build_model", "build_pspnet", "default_feature_dim"]
 
 
 class SegModel(nn.Module):
@@ -76,15 +77,19 @@ def default_feature_dim(cfg: ModelConfig) -> int:
 def build_model(cfg: ModelConfig, num_classes: int) -> SegModel | HFSegModel:
     """Build the network of ``cfg`` for ``num_classes`` classes and load its pretrained encoder
     weights (``cfg.pretrained``); heads get Kaiming-normal init, BN weight 1 / bias 0.
-    Transformer arches (segformer, mask2former, upernet) are built by
-    :func:`semivss.models.hf.build_hf_model` (same forward contract). ``cfg.init_from`` then
+    The builder registered as ``cfg.arch`` in :data:`semivss.registry.ARCHS` makes the network
+    (transformer arches: :func:`semivss.models.hf.build_hf_model`, same forward contract).
+    ``cfg.init_from`` then
     overwrites the whole model with a trained model's weights (a student fine-tuned from its
-    supervised training, SPEC 2.5 step 4): every tensor of the file must fit; model keys the file
-    lacks (e.g. a new representation head) keep their initialisation and are listed in
-    ``model.init_report``."""
+    supervised training, docs/methods.md#7-offline-teacher-student-self-training): every tensor of
+    the file must fit; model keys the file lacks (e.g. a new representation head) keep their
+    initialisation and are listed in ``model.init_report``."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
-    model = _build(cfg, num_classes)
+    problem = config_problem(cfg)  # again: ``cfg`` may have been built without validation
+    if problem is not None:
+        raise ConfigError(problem)
+    model = ARCHS.get(cfg.arch)(cfg, num_classes)
     if cfg.init_from is not None:
         try:
             report = load_model_weights(model, cfg.init_from, strict=False)
@@ -100,32 +105,32 @@ def build_model(cfg: ModelConfig, num_classes: int) -> SegModel | HFSegModel:
     return model
 
 
-def _build(cfg: ModelConfig, num_classes: int) -> SegModel | HFSegModel:
-    if cfg.arch in HF_ARCHS:
-        from semivss.models.hf import build_hf_model  # imports transformers (slow) on demand
-
-        return build_hf_model(cfg, num_classes)
-    if cfg.variant is not None or cfg.hf_config:
-        raise ConfigError(
-            f"model.{'variant' if cfg.variant is not None else 'hf_config'} applies to the "
-            f"transformer arches {HF_ARCHS} only, not to arch {cfg.arch!r}"
-        )
-    if cfg.rep_head and cfg.arch != "deeplabv3plus":
-        raise ConfigError(
-            f"model.rep_head: true requires model.arch: deeplabv3plus, not {cfg.arch!r}"
-        )
+@ARCHS.register("deeplabv3plus", rep_head=True)
+def build_deeplabv3plus(cfg: ModelConfig, num_classes: int) -> SegModel:
+    """DeepLabV3+ (ASPP + low-level skip decoder) on ``cfg.backbone``; optional U2PL
+    representation head (``cfg.rep_head``)."""
     encoder = build_encoder(cfg.backbone, cfg.output_stride)
-    dim = default_feature_dim(cfg)
-    decoder: DeepLabV3PlusDecoder | PSPDecoder
-    if cfg.arch == "deeplabv3plus":
-        decoder = DeepLabV3PlusDecoder(
-            encoder.low_channels, encoder.high_channels, cfg.output_stride, dim, cfg.dropout,
-            cfg.rep_head,
-        )
-    elif cfg.arch == "pspnet":
-        decoder = PSPDecoder(encoder.high_channels, cfg.output_stride, dim, cfg.dropout)
-    else:
-        raise ConfigError(f"model.arch: unknown architecture {cfg.arch!r}")
+    decoder = DeepLabV3PlusDecoder(
+        encoder.low_channels, encoder.high_channels, cfg.output_stride, default_feature_dim(cfg),
+        cfg.dropout, cfg.rep_head,
+    )
+    return _cnn_model(cfg, encoder, decoder, num_classes)
+
+
+@ARCHS.register("pspnet")
+def build_pspnet(cfg: ModelConfig, num_classes: int) -> SegModel:
+    """PSPNet (pyramid pooling module + bottleneck) on ``cfg.backbone``."""
+    encoder = build_encoder(cfg.backbone, cfg.output_stride)
+    decoder = PSPDecoder(
+        encoder.high_channels, cfg.output_stride, default_feature_dim(cfg), cfg.dropout
+    )
+    return _cnn_model(cfg, encoder, decoder, num_classes)
+
+
+def _cnn_model(
+    cfg: ModelConfig, encoder: Encoder, decoder: DeepLabV3PlusDecoder | PSPDecoder, num_classes: int
+) -> SegModel:
+    """``SegModel`` with initialised head and classifier and ``cfg.pretrained`` encoder weights."""
     model = SegModel(encoder, decoder, num_classes)
     init_head(model.decoder)
     init_head(model.classifier)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from semivss.errors import ConfigError, DataError
 from semivss.models.backbones import Encoder, MobileNetV2
+from semivss.models.ensemble import ExportSpec
 
 __all__ = [
     "IMAGENET_MOBILENET_V2_FILE",
@@ -105,9 +106,13 @@ def read_state_dict(
     except Exception as exc:  # corrupt, truncated, or needs arbitrary unpickling
         raise DataError(f"weights file {path} cannot be read: {type(exc).__name__}: {exc}") from exc
     if isinstance(obj, Mapping) and isinstance(obj.get("models"), Mapping):
-        # a semivss training checkpoint: the inference model's state
+        # a semivss training checkpoint: the inference model's state (its first network when
+        # the method exports several, e.g. CPS's probability average)
         meta = obj.get("meta") if isinstance(obj.get("meta"), Mapping) else {}
-        name = str(meta.get("inference_model", "model"))  # type: ignore[union-attr]
+        try:
+            name = ExportSpec.from_meta(meta).members[0]  # type: ignore[arg-type]
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"weights file {path}: invalid export record: {exc}") from None
         if not isinstance(obj["models"].get(name), Mapping):
             raise DataError(f"weights file {path}: checkpoint has no model {name!r}")
         obj = obj["models"][name]

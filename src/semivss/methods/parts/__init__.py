@@ -1,5 +1,5 @@
 """Reusable parts of online pseudo-label methods: EMA teacher, CutMix, entropy-based reliability,
-per-class memory bank, the U2PL contrastive loss and padding masks (SPEC 2.3, 2.4)."""
+per-class memory bank, the U2PL contrastive loss and padding masks (docs/methods.md, Sections 4-6)."""
 
 from semivss.methods.parts.contrastive import (
     ContrastiveSettings,
@@ -16,8 +16,8 @@ from semivss.methods.parts.cutmix import (
     step_generator,
 )
 from semivss.methods.parts.ema import EMATeacher, average_buffers, ema_decay, ema_update, make_teacher
-from semivss.methods.parts.memory_bank import ClassMemoryBank, gather_rows
-from semivss.methods.parts.padding import ignore_invalid, labeled_valid, unlabeled_valid
+from semivss.methods.parts.memory_bank import BankCheckpoint, ClassMemoryBank, gather_rows
+from semivss.methods.parts.padding import ignore_invalid
 from semivss.methods.parts.reliability import (
     alpha_schedule,
     entropy,
@@ -26,6 +26,7 @@ from semivss.methods.parts.reliability import (
 )
 
 __all__ = [
+    "BankCheckpoint",
     "ClassMemoryBank",
     "ContrastiveSettings",
     "EMATeacher",
@@ -42,12 +43,10 @@ __all__ = [
     "entropy_rank_mask",
     "gather_rows",
     "ignore_invalid",
-    "labeled_valid",
     "make_teacher",
     "reliability_split",
     "roll_permutation",
     "step_generator",
     "u2pl_contrastive_loss",
     "u2pl_negative_masks",
-    "unlabeled_valid",
 ]

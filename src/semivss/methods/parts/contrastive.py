@@ -1,20 +1,12 @@
-"""U2PL contrastive loss with unreliable pseudo-labels as negatives (SPEC 2.3; Wang et al., CVPR
-2022, Eq. 8-9; official ``compute_contra_memobank_loss``), with the two official bugs fixed:
+"""U2PL contrastive loss with unreliable pseudo-labels as negatives (Wang et al., CVPR 2022,
+Eq. 8-9; official ``compute_contra_memobank_loss``): Eq. (U2PL-5) of
+docs/methods.md#42-contrastive-loss-with-unreliable-negatives.
 
-- negatives for class c are pixels whose (pseudo-)label is NOT c (the official code demands
-  ``label == c`` and ``label != c`` at once, so labeled negatives are empty; issue #171);
-- anchors and prototypes are looked up by class id, not by the loop counter over the classes
-  present in the batch (issue #111).
-
-For each class c present among the anchor candidates:
-- anchors: student features of anchor-candidate pixels (labeled: every valid pixel; unlabeled: the
-  lowest-entropy ones) labeled c with teacher probability p_c > ``anchor_threshold``;
-- positive: the prototype, mean teacher feature of the anchor-candidate pixels labeled c;
-- negatives: ``num_negatives`` features per anchor from the class-c memory bank, which receives
-  the teacher features of negative-candidate pixels (labeled: every valid pixel; unlabeled: the
-  unreliable ones) not labeled c for which c is unlikely: rank of c in the teacher's sorted
-  probabilities in ``[low_rank, high_rank)`` for unlabeled pixels, ``< low_rank`` for labeled ones.
-Loss = mean over the present classes of InfoNCE(cos(anchor, [positive, negatives]) / T, index 0).
+For each class c: anchors are student features of confident anchor-candidate pixels labeled c,
+the positive is the mean teacher feature of those candidates, and the negatives come from a
+per-class memory bank of features of pixels not labeled c for which c is an unlikely class.
+Both official bugs are fixed: negatives of c are pixels NOT labeled c (issue #171), and anchors /
+prototypes are looked up by class id, not by the loop counter (issue #111).
 """
 
 from __future__ import annotations
@@ -32,7 +24,7 @@ __all__ = ["ContrastiveSettings", "class_ranks", "u2pl_contrastive_loss", "u2pl_
 
 
 class ContrastiveSettings(BaseModel):
-    """Method config keys of the U2PL contrastive loss (SPEC 2.3), shared by the methods that use
+    """Method config keys of the U2PL contrastive loss (Eq. (U2PL-5)), shared by the methods that use
     it: anchors, negatives per anchor, temperature, anchor probability threshold, the rank window
     ``[low_rank, high_rank)`` of unlikely classes and the memory bank size per class.
 

@@ -2,14 +2,11 @@
 pasted from a partner sample, applied identically to the image, the (pseudo-)label and the
 confidence map.
 
-Box shapes follow the reference implementations:
-- U2PL (SPEC 2.3, ``generate_cutout_mask``): a box of ``area`` x the image area; its width is
-  uniform in ``(area * W, W)`` and its height ``round(area * H * W / width)``.
-- UniMatch (``obtain_cutmix_box``, ``ratio`` given): area fraction ``U(area)``, aspect ratio
-  ``U(ratio)``, top-left corner uniform, rejected until the box fits.
-- CPS (French et al.'s ``BoxMaskGenerator``, :func:`box_mix_mask`): ``n_boxes`` boxes with area
-  proportions in ``prop_range`` toggled into an empty mask.
-All randomness comes from an explicit ``torch.Generator``.
+Box shapes follow the reference implementations: U2PL (``generate_cutout_mask``: one box of
+``area`` x the image area), UniMatch (``obtain_cutmix_box``: random area and aspect ratio) and
+CPS (French et al.'s ``BoxMaskGenerator``, :func:`box_mix_mask`: boxes toggled into an empty
+mask); exact shapes in docs/methods.md#44-cutmix-boxes. All randomness comes from an explicit
+``torch.Generator``.
 """
 
 from __future__ import annotations

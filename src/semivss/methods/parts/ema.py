@@ -1,13 +1,12 @@
-"""Exponential-moving-average teacher (SPEC 2.3; U2PL ``train_semi.py``, Mean Teacher).
+"""Exponential-moving-average teacher (U2PL ``train_semi.py``, Mean Teacher;
+docs/methods.md#43-ema-teacher, Eq. (U2PL-6)).
 
 The teacher is a frozen copy of the student. After every optimiser step its parameters follow
 ``t <- d * t + (1 - d) * s`` with ``d = min(1 - 1 / (step + 1), max_decay)`` (``step`` counted from
-0, so the first update copies the student). The EMA covers parameters only (SPEC 2.3): the
-teacher keeps its own buffers, i.e. the BatchNorm running statistics that its train-mode forward
-collects every iteration (official U2PL), so they belong to the teacher's averaged weights.
-Copying the student's statistics instead pairs them with weights that lag the student by about
-1 / (1 - d) steps. Under DDP, :func:`average_buffers` keeps the teachers of all ranks identical
-(the official code uses SyncBN).
+0, so the first update copies the student). The EMA covers parameters only: the teacher keeps its
+own buffers, the BatchNorm statistics of its train-mode forward (as the official U2PL code; the
+reason is in the section cited above). Under DDP, :func:`average_buffers` keeps the teachers of
+all ranks identical (the official code uses SyncBN).
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ __all__ = ["EMATeacher", "average_buffers", "ema_decay", "ema_update", "make_tea
 
 
 def ema_decay(step: int, max_decay: float = 0.99) -> float:
-    """``min(1 - 1 / (step + 1), max_decay)`` (U2PL's ramped EMA decay, SPEC 2.3)."""
+    """``min(1 - 1 / (step + 1), max_decay)`` (U2PL's ramped EMA decay, Eq. (U2PL-6))."""
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     return min(1.0 - 1.0 / (step + 1), max_decay)

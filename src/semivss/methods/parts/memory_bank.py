@@ -1,5 +1,6 @@
-"""Per-class FIFO memory bank of feature vectors (U2PL negatives, SPEC 2.3: 30,000 teacher
-features of unreliable pixels per class), with a checkpointable state."""
+"""Per-class FIFO memory bank of feature vectors (U2PL negatives: 30,000 teacher features of
+unreliable pixels per class, docs/methods.md#42-contrastive-loss-with-unreliable-negatives), with
+a checkpointable state."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import Tensor
 
 from semivss.errors import DataError
 
-__all__ = ["ClassMemoryBank", "gather_rows"]
+__all__ = ["BankCheckpoint", "ClassMemoryBank", "gather_rows"]
 
 
 def gather_rows(x: Tensor) -> Tensor:
@@ -120,3 +121,19 @@ class ClassMemoryBank:
         if dim_or_none is not None:
             self.dim = dim_or_none
         self.queues = restored
+
+
+class BankCheckpoint:
+    """Method mixin: checkpoint ``self.bank`` (a :class:`ClassMemoryBank`) as the method state,
+    unless the method's config says ``checkpoint_bank: false`` (then a resume starts it empty)."""
+
+    bank: ClassMemoryBank
+    cfg: Any
+
+    def state_dict(self) -> dict[str, Any]:
+        """The memory bank (needed for an exact resume); nothing with ``checkpoint_bank: false``."""
+        return {"bank": self.bank.state_dict()} if self.cfg.checkpoint_bank else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "bank" in state:
+            self.bank.load_state_dict(state["bank"], where="checkpoint method state 'bank'")

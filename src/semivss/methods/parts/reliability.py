@@ -1,6 +1,7 @@
-"""Entropy-based reliable / unreliable pixel split of U2PL (SPEC 2.3; Wang et al., CVPR 2022,
-Eq. 5-7): per-pixel entropy of the teacher's distribution, and at training progress t/T the
-``alpha_t = alpha_0 (1 - t/T)`` percent highest-entropy pixels of the batch are unreliable.
+"""Entropy-based reliable / unreliable pixel split of U2PL (Wang et al., CVPR 2022, Eq. 5-7;
+docs/methods.md#41-reliable-and-unreliable-pixels, Eq. (U2PL-2)..(U2PL-4)): per-pixel entropy of
+the teacher's distribution, and at training progress t/T the ``alpha_t = alpha_0 (1 - t/T)``
+percent highest-entropy pixels of the batch are unreliable.
 
 Unlike the official ``np.percentile`` + ``>=`` threshold (whose share depends on interpolation
 and ties), the masks here hold exactly ``round(alpha/100 * n_valid)`` pixels.

@@ -1,0 +1,133 @@
+"""Data requests: what a method asks for in its batches, and how each request builds its dataset.
+
+A method's ``DataSpec`` is a tuple of requests; each has a ``key`` (its entry in the training
+batch) and ``build(source) -> (dataset, batch size)``. A new kind of training data is a new
+request class here; the experiment glue only loops over the requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+from torch.utils.data import Dataset
+
+from semivss.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from semivss.data.config import DataConfig
+    from semivss.data.splits import Split
+    from semivss.data.transforms import ClipAugment
+    from semivss.data.video import VideoSet
+
+__all__ = ["DataRequest", "LabeledRequest", "PseudoRequest", "TrainSource", "UnlabeledRequest"]
+
+
+@dataclass(frozen=True)
+class TrainSource:
+    """Everything a request may build its dataset from."""
+
+    videoset: VideoSet
+    split: Split
+    augment: ClipAugment
+    cfg: DataConfig
+    method: str = "method"
+
+
+class DataRequest(Protocol):
+    """One entry of the training batch: ``batch[key]`` holds what ``build``'s dataset returns."""
+
+    key: ClassVar[str]
+
+    def build(self, source: TrainSource) -> tuple[Dataset, int]: ...
+
+
+def _offsets(name: str, offsets: tuple[int, int]) -> None:
+    lo, hi = offsets
+    if lo > hi:
+        raise ConfigError(f"DataSpec.{name} must be (low, high) with low <= high, got {(lo, hi)}")
+
+
+@dataclass(frozen=True)
+class LabeledRequest:
+    """Labeled frames (``LabeledBatch``), each with ``context_frames`` other frames of its video
+    at offsets in ``context_offsets`` (inclusive) and their strong copies if ``context_strong``."""
+
+    key: ClassVar[str] = "labeled"
+    context_frames: int = 0
+    context_offsets: tuple[int, int] = (-29, 29)
+    context_strong: bool = False
+
+    def __post_init__(self) -> None:
+        if self.context_frames < 0:
+            raise ConfigError(f"DataSpec.context_frames must be >= 0, got {self.context_frames}")
+        _offsets("context_offsets", self.context_offsets)
+
+    def build(self, source: TrainSource) -> tuple[Dataset, int]:
+        from semivss.data.clips import LabeledClips
+
+        ds = LabeledClips(source.videoset, source.split.labeled, source.augment,
+                          context_frames=self.context_frames,
+                          context_offsets=tuple(self.context_offsets),
+                          context_strong=self.context_strong)
+        return ds, source.cfg.batch_size
+
+
+@dataclass(frozen=True)
+class UnlabeledRequest:
+    """Unlabeled clips (``UnlabeledBatch``) of ``frames`` frames at offsets in ``offsets`` from an
+    unlabeled anchor frame, with ``strong_copies`` independently distorted copies."""
+
+    key: ClassVar[str] = "unlabeled"
+    frames: int = 1
+    offsets: tuple[int, int] = (-29, 29)
+    strong_copies: int = 0
+
+    def __post_init__(self) -> None:
+        if self.frames < 1:
+            raise ConfigError(f"DataSpec unlabeled frames must be >= 1, got {self.frames}")
+        if self.strong_copies < 0:
+            raise ConfigError(f"DataSpec.strong_copies must be >= 0, got {self.strong_copies}")
+        _offsets("unlabeled_offsets", self.offsets)
+
+    def build(self, source: TrainSource) -> tuple[Dataset, int]:
+        from semivss.data.clips import UnlabeledClips
+
+        if not source.split.unlabeled:
+            raise DataError(
+                f"{source.cfg.root} ({source.cfg.train_split}): the split has no unlabeled frames, "
+                f"but method '{source.method}' needs them"
+            )
+        if source.cfg.unlabeled_batch_size < 1:
+            raise ConfigError(f"data.unlabeled_batch_size: method '{source.method}' needs a positive "
+                              "batch size for its unlabeled frames")
+        ds = UnlabeledClips(source.videoset, source.split.unlabeled, source.augment,
+                            num_frames=self.frames, offsets=tuple(self.offsets),
+                            strong_copies=self.strong_copies)
+        return ds, source.cfg.unlabeled_batch_size
+
+
+@dataclass(frozen=True)
+class PseudoRequest:
+    """Frames of the offline pseudo-label set ``data.pseudo_labels`` (``PseudoBatch``), with a
+    strong photometric copy if ``strong``."""
+
+    key: ClassVar[str] = "pseudo"
+    strong: bool = False
+
+    def build(self, source: TrainSource) -> tuple[Dataset, int]:
+        from semivss.data.pseudo import PseudoLabeledFrames
+
+        d = source.cfg
+        if d.pseudo_labels is None:
+            raise ConfigError(
+                f"data.pseudo_labels: method '{source.method}' trains on a pseudo-label set; set it "
+                "to a folder written by `semivss pseudo-label`"
+            )
+        if d.unlabeled_batch_size < 1:
+            raise ConfigError(
+                f"data.unlabeled_batch_size: method '{source.method}' needs a positive batch size "
+                "for its pseudo-labeled frames"
+            )
+        ds = PseudoLabeledFrames(source.videoset, d.pseudo_labels, source.augment, strong=self.strong)
+        return ds, d.unlabeled_batch_size

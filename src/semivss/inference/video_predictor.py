@@ -1,0 +1,133 @@
+"""The video inference seam: predictors that step through each video's frames in order.
+
+A :class:`VideoPredictor` is reset at the start of every video and then given the video's frames
+in order, a few consecutive frames at a time; it returns per-frame labels and class
+probabilities. The per-frame :class:`~semivss.inference.predict.Predictor` (TTA, ensembles) is
+the stateless implementation; :class:`TemporalSmoothing` is a stateful one (it carries the
+previous frame's probabilities). :func:`run_videos` is the one loop evaluate, predict and
+pseudo-label drive predictors with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol, TypeVar, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from semivss.errors import ConfigError
+
+__all__ = ["TemporalSmoothing", "VideoPredictor", "run_videos"]
+
+T = TypeVar("T")
+
+
+@runtime_checkable
+class VideoPredictor(Protocol):
+    """Segments the frames of one video at a time, in frame order.
+
+    ``temporal``: True when the predictor carries state from frame to frame, so that it must see
+    every frame of a video from its first one (callers then add the unannotated frames and never
+    skip a frame); ``input_size``: the (H, W) frames are prepared at (None: original size).
+    """
+
+    temporal: bool
+
+    @property
+    def input_size(self) -> tuple[int, int] | None: ...
+
+    def reset(self) -> None:
+        """Forget every state: the next frames start a new video."""
+
+    def step(
+        self, images: Tensor, out_size: tuple[int, int], with_probs: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(labels (B,H,W) int64, probs (B,C,H,W) or None)`` at ``out_size`` for ``images``
+        (B,3,h,w): B consecutive frames of the current video, in order."""
+
+    def eval_mode(self) -> contextlib.AbstractContextManager[object]: ...
+
+
+class TemporalSmoothing:
+    """Exponential smoothing of a per-frame predictor's class probabilities over time:
+    ``q_t = (1 - m) p_t + m q_{t-1}`` (``q_0 = p_0``; restarted at each video and whenever the
+    output size changes), labels = argmax q_t. A simple stateful :class:`VideoPredictor` that
+    trades responsiveness for temporal consistency (VC_n)."""
+
+    temporal = True
+
+    def __init__(self, base: VideoPredictor, momentum: float) -> None:
+        if not 0.0 <= momentum < 1.0:
+            raise ConfigError(f"temporal smoothing momentum must be in [0, 1), got {momentum}")
+        self.base = base
+        self.momentum = float(momentum)
+        self._state: Tensor | None = None
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        return self.base.input_size
+
+    def reset(self) -> None:
+        self._state = None
+        self.base.reset()
+
+    def eval_mode(self) -> contextlib.AbstractContextManager[object]:
+        return self.base.eval_mode()
+
+    def step(
+        self, images: Tensor, out_size: tuple[int, int], with_probs: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        _, probs = self.base.step(images, out_size, with_probs=True)
+        assert probs is not None
+        out = torch.empty_like(probs)
+        m = self.momentum
+        for j in range(probs.shape[0]):
+            prev = self._state
+            cur = probs[j]
+            if prev is not None and prev.shape == cur.shape:
+                cur = (1.0 - m) * cur + m * prev
+            out[j] = cur
+            self._state = cur
+        return out.argmax(1), out if with_probs else None
+
+
+def run_videos(
+    predictor: VideoPredictor,
+    items: Iterable[T],
+    *,
+    video: Callable[[T], str],
+    image: Callable[[T], Tensor],
+    out_size: Callable[[T], tuple[int, int]],
+    batch_size: int,
+    device: torch.device | str,
+    with_probs: bool = False,
+) -> Iterator[tuple[list[T], Tensor, Tensor | None]]:
+    """Drive ``predictor`` over ``items`` ordered by video, then frame: reset it at each new
+    video, batch up to ``batch_size`` consecutive frames of one video with equal input and output
+    sizes, and yield ``(items, labels, probs or None)`` per batch (on the predictor's device)."""
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device)
+    batch: list[T] = []
+    current: str | None = None
+
+    def key(item: T) -> tuple[str, tuple[int, ...], tuple[int, int]]:
+        return video(item), tuple(image(item).shape), out_size(item)
+
+    def flush() -> tuple[list[T], Tensor, Tensor | None]:
+        images = torch.stack([image(b) for b in batch]).to(device)
+        labels, probs = predictor.step(images, out_size(batch[0]), with_probs=with_probs)
+        return list(batch), labels, probs
+
+    for item in items:
+        if batch and (len(batch) == batch_size or key(batch[0]) != key(item)):
+            yield flush()
+            batch = []
+        if video(item) != current:
+            current = video(item)
+            predictor.reset()
+        batch.append(item)
+    if batch:
+        yield flush()

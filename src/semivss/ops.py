@@ -1,0 +1,29 @@
+"""Small tensor operations shared by models, methods and inference (one definition each)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["resize", "resize_labels"]
+
+
+def resize(x: Tensor, size: Sequence[int]) -> Tensor:
+    """Bilinear resize (``align_corners=False``) of a (B, C, h, w) tensor to ``size`` = (H, W);
+    returned unchanged when it already has that size."""
+    size = (int(size[0]), int(size[1]))
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def resize_labels(x: Tensor, size: Sequence[int]) -> Tensor:
+    """Nearest-neighbour resize of a (B, H, W) integer or boolean map, dtype kept."""
+    size = (int(size[0]), int(size[1]))
+    if tuple(x.shape[-2:]) == size:
+        return x
+    y = F.interpolate(x[:, None].float(), size=size, mode="nearest")[:, 0]
+    return y.bool() if x.dtype == torch.bool else y.to(x.dtype)

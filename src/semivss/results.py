@@ -1,0 +1,190 @@
+"""Published results as data: one JSON record per benchmark row under ``results/``.
+
+A record holds what a figure needs to be trusted and compared: the row name, the run's resolved
+config (and its hash), the git commit, the machine, dataset / split / resolution / iterations,
+the metrics, the per-class IoU and the training time per iteration. ``semivss results add``
+writes records from an evaluated run; ``semivss results table`` prints the markdown tables the
+README and docs/results.md show.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from semivss.errors import SemivssError
+from semivss.metrics.report import training_speed
+
+__all__ = ["load_records", "machine_info", "make_record", "results_markdown", "write_record"]
+
+RECORD_VERSION = 1
+
+
+def _git_commit(cwd: Path) -> str | None:
+    """``<sha>`` of HEAD (``<sha>-dirty`` with uncommitted changes), None outside a repository."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return f"{sha}-dirty" if dirty else sha
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, native bf16 support, core count, torch version and the accelerator if any."""
+    import os
+
+    import torch
+
+    cpu, flags = platform.processor() or platform.machine(), []
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), cpu)
+        flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cpu_bf16": "avx512_bf16" in flags or "amx_bf16" in flags,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def make_record(run: str | Path, eval_dir: str | Path | None = None, name: str | None = None,
+                protocol: str | None = None, notes: str | None = None) -> dict[str, Any]:
+    """The record of one evaluated training run: ``run`` holds ``config.yaml`` and
+    ``metrics.csv``; ``eval_dir`` (default ``<run>/eval-val``) the ``metrics.json`` of
+    ``semivss evaluate``."""
+    run = Path(run)
+    eval_dir = Path(eval_dir) if eval_dir is not None else run / "eval-val"
+    metrics_path = eval_dir / "metrics.json"
+    cfg_path = run / "config.yaml"
+    for p in (metrics_path, cfg_path):
+        if not p.is_file():
+            raise SemivssError(f"{p}: missing (a record needs a finished, evaluated run)")
+    try:
+        data = json.loads(metrics_path.read_text())
+        metrics = data["metrics"]
+        cfg = yaml.safe_load(cfg_path.read_text())
+    except (json.JSONDecodeError, yaml.YAMLError, KeyError, TypeError) as exc:
+        raise SemivssError(f"{eval_dir}: cannot read the evaluation or config ({exc})") from exc
+    s_per_it, last_step = training_speed(run / "metrics.csv")
+    eval_cfg = (cfg.get("eval") or {})
+    scalars = {k: metrics.get(k) for k in ("mIoU", "fwIoU", "pixel_acc", "mAcc")}
+    scalars.update({k: v for k, v in metrics.items() if k.startswith("VC") and k[2:].isdigit()})
+    canonical = json.dumps(cfg, sort_keys=True, default=str)
+    return {
+        "version": RECORD_VERSION,
+        "name": name or run.name,
+        "protocol": protocol,
+        "run": str(run),
+        "method": (cfg.get("method") or {}).get("name"),
+        "config": cfg,
+        "config_hash": hashlib.sha256(canonical.encode()).hexdigest()[:16],
+        "commit": _git_commit(Path.cwd()),
+        "machine": machine_info(),
+        "dataset": {"format": (cfg.get("data") or {}).get("format"),
+                    "root": str((cfg.get("data") or {}).get("root")),
+                    "split": (cfg.get("data") or {}).get("split")},
+        "eval_split": data.get("split", "val"),
+        "resolution": eval_cfg.get("size"),
+        "iterations": (cfg.get("schedule") or {}).get("iters"),
+        "logged_steps": last_step,
+        "metrics": scalars,
+        "iou": dict(metrics.get("iou") or {}),
+        "n_frames": metrics.get("n_frames"),
+        "s_per_it": s_per_it,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "notes": notes,
+    }
+
+
+def write_record(record: dict[str, Any], path: str | Path, overwrite: bool = False) -> Path:
+    """Write ``record`` as JSON atomically; an existing file is kept unless ``overwrite``."""
+    from semivss.engine.checkpoint import atomic_write
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise SemivssError(f"{path} exists; pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(record, indent=2, sort_keys=False, default=str) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
+    return path
+
+
+def load_records(paths: list[str | Path]) -> list[dict[str, Any]]:
+    """Records from JSON files or folders of them (sorted by file name within a folder)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files += sorted(p.glob("*.json")) if p.is_dir() else [p]
+    if not files:
+        raise SemivssError(f"no result records in {[str(p) for p in paths]}")
+    out = []
+    for f in files:
+        try:
+            rec = json.loads(f.read_text())
+            float(rec["metrics"]["mIoU"])
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise SemivssError(f"{f}: not a result record ({type(exc).__name__}: {exc})") from exc
+        out.append(rec)
+    return out
+
+
+def _pct(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{100 * float(v):.2f}"
+
+
+def results_markdown(records: list[dict[str, Any]], baseline: str | None = None,
+                     per_class: bool = True) -> str:
+    """Markdown: one row per record (mIoU, its difference to ``baseline``, fwIoU, VC_n,
+    iterations, s/it and time/it relative to the baseline), then per-class IoU."""
+    names = [r["name"] for r in records]
+    if len(set(names)) != len(names):
+        raise SemivssError(f"two records have the same name in {names}")
+    ref = None
+    if baseline is not None:
+        ref = next((r for r in records if r["name"] == baseline), None)
+        if ref is None:
+            raise SemivssError(f"--baseline {baseline!r} is not one of {names}")
+    vcs = sorted({k for r in records for k in r["metrics"] if k.startswith("VC")}, key=lambda k: int(k[2:]))
+    head = ["row", "mIoU"] + ([f"vs {ref['name']}"] if ref else []) + ["fwIoU", *vcs, "iterations",
+                                                                      "s/it"]
+    head += [f"time/it vs {ref['name']}"] if ref else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        m = r["metrics"]
+        cells = [r["name"], _pct(m.get("mIoU"))]
+        if ref:
+            cells.append(f"{100 * (float(m['mIoU']) - float(ref['metrics']['mIoU'])):+.2f}")
+        cells += [_pct(m.get("fwIoU")), *(_pct(m.get(k)) for k in vcs), str(r.get("iterations") or "-"),
+                  f"{r['s_per_it']:.2f}" if r.get("s_per_it") else "-"]
+        if ref:
+            rel = (r.get("s_per_it") or 0) / ref["s_per_it"] if ref.get("s_per_it") else 0
+            cells.append(f"{rel:.2f}x" if rel else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    if per_class:
+        classes: list[str] = []
+        for r in records:
+            classes += [c for c in r.get("iou", {}) if c not in classes]
+        rows = ["| class | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+        rows += [f"| {c} | " + " | ".join(_pct(r.get("iou", {}).get(c)) for r in records) + " |"
+                 for c in classes]
+        text += "\n\nIoU per class (%):\n\n" + "\n".join(rows)
+    return text

@@ -1,0 +1,74 @@
+"""Result records (semivss.results): made from an evaluated run, written once, tabulated."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from semivss.cli import app
+from semivss.errors import SemivssError
+from semivss.results import load_records, make_record, results_markdown, write_record
+
+
+def fake_run(root: Path, name: str, miou: float, it_s: list[float], method: str = "supervised") -> Path:
+    run = root / name
+    (run / "eval-val").mkdir(parents=True)
+    cfg = {"name": name, "method": {"name": method}, "schedule": {"iters": 1000},
+           "data": {"format": "camvid", "root": "../shared/data/camvid", "split": {"mode": "every_kth", "k": 8}},
+           "eval": {"size": [240, 320]}}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    rows = ["step,loss,it_s"] + [f"{20 * (i + 1)},0.5,{v}" for i, v in enumerate(it_s)]
+    (run / "metrics.csv").write_text("\n".join(rows) + "\n")
+    metrics = {"mIoU": miou, "fwIoU": 0.8, "pixel_acc": 0.9, "mAcc": 0.7, "VC8": 0.91, "VC16": None,
+               "n_frames": 101, "iou": {"Sky": 0.9, "Pole": 0.05}}
+    (run / "eval-val" / "metrics.json").write_text(json.dumps({"metrics": metrics}))
+    return run
+
+
+def test_record_holds_metrics_speed_config_and_machine(tmp_path: Path) -> None:
+    run = fake_run(tmp_path, "control", 0.6, [0.5, 0.25, 0.5])
+    rec = make_record(run, name="control", protocol="camvid-ssvs-1-8-ssl")
+    assert rec["name"] == "control" and rec["method"] == "supervised"
+    assert rec["metrics"]["mIoU"] == 0.6 and rec["metrics"]["VC8"] == 0.91
+    assert rec["iou"] == {"Sky": 0.9, "Pole": 0.05}
+    assert rec["s_per_it"] == pytest.approx(2.0)  # 1 / median(0.5, 0.25, 0.5)
+    assert rec["iterations"] == 1000 and rec["logged_steps"] == 60
+    assert rec["resolution"] == [240, 320] and rec["dataset"]["format"] == "camvid"
+    assert len(rec["config_hash"]) == 16 and rec["machine"]["cores"] >= 1
+    # the hash follows the config
+    other = fake_run(tmp_path, "other", 0.6, [0.5], method="u2pl")
+    assert make_record(other)["config_hash"] != rec["config_hash"]
+
+
+def test_records_are_never_overwritten_silently_and_tabulate(tmp_path: Path) -> None:
+    a = write_record(make_record(fake_run(tmp_path, "control", 0.60, [0.5])), tmp_path / "res" / "a.json")
+    write_record(make_record(fake_run(tmp_path, "u2pl", 0.6325, [0.125])), tmp_path / "res" / "b.json")
+    with pytest.raises(SemivssError, match="exists"):
+        write_record(make_record(tmp_path / "control"), a)
+    recs = load_records([tmp_path / "res"])
+    assert [r["name"] for r in recs] == ["control", "u2pl"]
+    text = results_markdown(recs, baseline="control")
+    lines = text.splitlines()
+    assert lines[0] == "| row | mIoU | vs control | fwIoU | VC8 | VC16 | iterations | s/it | time/it vs control |"
+    assert lines[2] == "| control | 60.00 | +0.00 | 80.00 | 91.00 | - | 1000 | 2.00 | 1.00x |"
+    assert lines[3] == "| u2pl | 63.25 | +3.25 | 80.00 | 91.00 | - | 1000 | 8.00 | 4.00x |"
+    assert "| Pole | 5.00 | 5.00 |" in text
+    with pytest.raises(SemivssError, match="baseline"):
+        results_markdown(recs, baseline="nope")
+
+
+def test_cli_results_add_and_table(tmp_path: Path) -> None:
+    run = fake_run(tmp_path, "control", 0.6, [0.5])
+    runner = CliRunner()
+    out = tmp_path / "results" / "control.json"
+    res = runner.invoke(app, ["results", "add", str(run), "--out", str(out), "--protocol", "p"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text())["protocol"] == "p"
+    res = runner.invoke(app, ["results", "table", str(tmp_path / "results"), "--no-per-class"])
+    assert res.exit_code == 0 and "| control | 60.00 |" in res.output and "Pole" not in res.output
+    res = runner.invoke(app, ["results", "add", str(run), "--out", str(out)])
+    assert isinstance(res.exception, SemivssError) and "exists" in str(res.exception)  # main(): exit 2
