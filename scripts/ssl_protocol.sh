@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The camvid-ssvs SSL protocol (docs/protocols.md#5-camvid-ssvs-ssl-protocol): a supervised model
+# trained for the standard budget (1000 iterations) is the common start; the control continues
+# supervised training from it, and every method is warm-started from it (student, and teacher where
+# the method has one, are copies of it), each for ITERS more iterations with the same schedule.
+# Every row is evaluated on val (single scale, offsets) and written as a record under RESULTS.
+# Usage: scripts/ssl_protocol.sh RATIO [ROW ...]   RATIO: 8 | 16; ROW: control | u2pl | cps |
+#        unimatch | ifr (default: control and every method with a config at that ratio).
+# Environment: RUNS (default runs/ssl), CAMVID (CamVid root), ITERS (default 1000), SEED (adds
+# --set train.seed=SEED and a -sSEED suffix to the row), RESULTS (default results/camvid-ssvs-1-RATIO),
+# OVERRIDES (more --set options for the rows, e.g. for a smoke test).
+# Finished steps are skipped and an interrupted training resumes from its last.pt.
+# The base weights are copied to RESULTS/supervised-base.safetensors (committed with the records).
+set -euo pipefail
+export HF_HUB_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1 MPLBACKEND=Agg
+K=${1:?usage: scripts/ssl_protocol.sh 8|16 [ROW ...]}
+shift
+case "$K" in 8|16) ;; *) echo "label ratio must be 8 or 16, got $K" >&2; exit 2 ;; esac
+ROWS=("$@")
+CFG=configs/camvid-ssvs
+[ ${#ROWS[@]} -gt 0 ] || { ROWS=(control); for m in u2pl cps unimatch ifr; do
+  [ -f "$CFG/${m}_1-$K.yaml" ] && ROWS+=("$m"); done; }
+RUNS=${RUNS:-runs/ssl}
+DATA=${CAMVID:-../shared/data/camvid}
+ITERS=${ITERS:-1000}
+RESULTS=${RESULTS:-results/camvid-ssvs-1-$K}
+P=camvid-ssvs-1-$K
+BASE=$RUNS/$P-supervised-base
+SUFFIX=${SEED:+-s$SEED}
+
+train() {  # config out_dir [--set ...]: train unless finished, resume if interrupted
+  local cfg=$1 out=$2; shift 2
+  if [ -f "$out/model.safetensors" ]; then echo "[ssl] $out trained"; return; fi
+  local resume=(); [ -f "$out/checkpoints/last.pt" ] && resume=(--resume)
+  semivss train "$cfg" --out "$out" --set data.root="$DATA" "$@" "${resume[@]}"
+}
+
+evaluate_and_record() {  # out_dir row_name
+  local out=$1 row=$2
+  [ -f "$out/eval-val/metrics.json" ] || semivss evaluate "$out/model.safetensors" --data "$DATA" \
+    --format camvid --split val --offsets --label-every "$K" --out "$out/eval-val"
+  [ -f "$RESULTS/$row.json" ] || semivss results add "$out" --name "$row" --protocol "$P-ssl" \
+    --out "$RESULTS/$row.json"
+}
+
+# 1. the common start: supervised, standard budget. Its weights are kept beside the records
+#    ($RESULTS/supervised-base.safetensors) so that later rows start from the same model even
+#    where the run folder is gone.
+BASE_MODEL=$RESULTS/supervised-base.safetensors
+if [ -f "$BASE_MODEL" ] && [ ! -f "$BASE/model.safetensors" ]; then
+  echo "[ssl] base weights from $BASE_MODEL"
+else
+  train "$CFG/supervised_1-$K.yaml" "$BASE" --set name="$P-supervised-base"
+  evaluate_and_record "$BASE" "supervised-base"
+  [ -f "$BASE_MODEL" ] || cp "$BASE/model.safetensors" "$BASE_MODEL"
+  cmp -s "$BASE/model.safetensors" "$BASE_MODEL" || { echo "$BASE_MODEL differs from $BASE" >&2; exit 2; }
+fi
+
+# 2. control and warm-started methods
+for row in "${ROWS[@]}"; do
+  m=$row; [ "$row" = control ] && m=supervised
+  cfg=$CFG/${m}_1-$K.yaml
+  [ -f "$cfg" ] || { echo "no config $cfg for row $row" >&2; exit 2; }
+  out=$RUNS/$P-$row-warm$SUFFIX
+  extra=(--set name="$P-$row-warm$SUFFIX" --set model.init_from="$BASE_MODEL"
+         --set schedule.iters="$ITERS")
+  [ -n "${SEED:-}" ] && extra+=(--set train.seed="$SEED")
+  # IFR's loss ramp (docs/methods.md#3-ifr: 4000 of 40k iterations) scaled to the budget
+  [ "$m" = ifr ] && extra+=(--set method.ramp_iters=$((ITERS / 10)))
+  train "$cfg" "$out" "${extra[@]}" ${OVERRIDES:-}
+  evaluate_and_record "$out" "$row$SUFFIX"
+done
+
+semivss results table "$RESULTS" --baseline "control$SUFFIX"
