@@ -21,6 +21,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from torch import nn
 
+    from semivss.data.batch import LabeledBatch, UnlabeledBatch
     from semivss.methods.ifr import IFR
     from semivss.methods.supervised import Supervised
     from semivss.models import ModelConfig, build_model
@@ -85,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
     label = torch.randint(0, c, (b, h, w), generator=gen)
     label[torch.rand(label.shape, generator=gen) < 0.05] = 255
-    labeled = {"image": images(b), "label": label.to(device)}
+    valid = torch.ones(b, h, w, dtype=torch.bool, device=device)
+    labeled = LabeledBatch(images(b), label.to(device), valid)
     passes: Any = ([["u0", "u1", "u1_s"]] if args.forward_passes == "split"
                    else args.forward_passes)
     ifr_params: dict[str, Any] = {"forward_passes": passes, "share_frames": args.share_frames}
@@ -95,16 +98,16 @@ def main(argv: list[str] | None = None) -> int:
         ifr_params.update(use_unlabeled=False, use_unlabeled_strong=False)
     k = 2 if args.share_frames else 1
     methods = {"supervised": Supervised(None, c), "ifr": IFR(ifr_params, c)}
-    batches = {
+    batches: dict[str, dict[str, Any]] = {
         "supervised": {"labeled": labeled},
-        "ifr": {"labeled": {**labeled, "context": images(b, k), "context_strong": images(b, k),
-                            "context_offset": torch.ones(b, k, dtype=torch.int64, device=device)}},
+        "ifr": {"labeled": replace(labeled, context=images(b, k), context_strong=images(b, k),
+                                   context_offset=torch.ones(b, k, dtype=torch.int64, device=device))},
     }
     if u > 0:
-        batches["ifr"]["unlabeled"] = {
-            "image": images(u, 2), "strong": images(u, 2),
-            "offset": torch.tensor([[0, 1]] * u, dtype=torch.int64, device=device),
-        }
+        batches["ifr"]["unlabeled"] = UnlabeledBatch(
+            images(u, 2), torch.tensor([[0, 1]] * u, dtype=torch.int64, device=device),
+            torch.ones(u, 2, h, w, dtype=torch.bool, device=device), [images(u, 2)],
+        )
     runs: dict[str, Any] = {}
     for name in methods:
         torch.manual_seed(0)

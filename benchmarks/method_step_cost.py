@@ -42,6 +42,10 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-classes", type=int, default=11)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--precision", default="auto",
+                   help="auto (bf16 autocast on CPUs with native bf16, as train.precision) | fp32 | bf16")
+    p.add_argument("--profile", default=None, metavar="CONFIG_STEM",
+                   help="also print a torch.profiler table of one step of this config")
     args = p.parse_args(argv)
     if args.iters < 1 or args.warmup < 0:
         p.error("--iters must be >= 1 and --warmup >= 0")
@@ -49,8 +53,10 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def random_batch(spec: Any, b: int, u: int, h: int, w: int, c: int, gen: Any) -> dict[str, Any]:
-    """Random tensors with the keys and shapes the trainer's datasets give for ``spec``."""
+    """Random typed batches shaped as the trainer's datasets give them for ``spec``."""
     import torch
+
+    from semivss.data.batch import LabeledBatch, PseudoBatch, UnlabeledBatch
 
     def img(*lead: int) -> torch.Tensor:
         return torch.randn(*lead, 3, h, w, generator=gen)
@@ -61,25 +67,24 @@ def random_batch(spec: Any, b: int, u: int, h: int, w: int, c: int, gen: Any) ->
         return y
 
     ones = lambda *shape: torch.ones(*shape, dtype=torch.bool)  # noqa: E731
-    batch: dict[str, Any] = {"labeled": {"image": img(b), "label": label(b), "valid": ones(b, h, w)}}
-    if spec.context_frames:
-        k = spec.context_frames
-        batch["labeled"]["context"] = img(b, k)
-        batch["labeled"]["context_offset"] = torch.ones(b, k, dtype=torch.int64)
-        if spec.context_strong:
-            batch["labeled"]["context_strong"] = img(b, k)
-    if spec.unlabeled_frames and u:
-        n = spec.unlabeled_frames
-        batch["unlabeled"] = {"image": img(u, n), "valid": ones(u, n, h, w),
-                              "offset": torch.arange(n, dtype=torch.int64).repeat(u, 1)}
-        if spec.unlabeled_strong:
-            for i in range(1, spec.unlabeled_strong_copies + 1):
-                batch["unlabeled"]["strong" if i == 1 else f"strong{i}"] = img(u, n)
-    if spec.pseudo_labeled and u:
-        batch["pseudo"] = {"image": img(u), "label": label(u).clamp(max=c - 1), "valid": ones(u, h, w),
-                           "entropy": torch.rand(u, h, w, generator=gen) * math.log(c)}
-        if spec.pseudo_strong:
-            batch["pseudo"]["strong"] = img(u)
+    lab = spec.get("labeled")
+    k = lab.context_frames
+    batch: dict[str, Any] = {"labeled": LabeledBatch(
+        img(b), label(b), ones(b, h, w),
+        context=img(b, k) if k else None,
+        context_offset=torch.ones(b, k, dtype=torch.int64) if k else None,
+        context_strong=img(b, k) if k and lab.context_strong else None,
+    )}
+    unl = spec.get("unlabeled")
+    if unl is not None and u:
+        n = unl.frames
+        batch["unlabeled"] = UnlabeledBatch(img(u, n), torch.arange(n, dtype=torch.int64).repeat(u, 1),
+                                            ones(u, n, h, w), [img(u, n) for _ in range(unl.strong_copies)])
+    pseudo = spec.get("pseudo")
+    if pseudo is not None and u:
+        batch["pseudo"] = PseudoBatch(img(u), label(u).clamp(max=c - 1),
+                                      torch.rand(u, h, w, generator=gen) * math.log(c), ones(u, h, w),
+                                      [img(u)] if pseudo.strong else [])
     return batch
 
 
@@ -87,10 +92,15 @@ def count_images(batch: dict[str, Any]) -> int:
     """Images in the batch (every 4-D/5-D float tensor of 3 channels); a method may leave some
     unused (IFR runs 27 of its 28: one strong copy of the unlabeled pair)."""
     n = 0
+
+    def visit(t: Any) -> Any:
+        nonlocal n
+        if t.is_floating_point() and t.dim() >= 4 and t.shape[-3] == 3:
+            n += math.prod(t.shape[:-3])
+        return t
+
     for part in batch.values():
-        for t in part.values():
-            if t.is_floating_point() and t.dim() >= 4 and t.shape[-3] == 3:
-                n += math.prod(t.shape[:-3])
+        part.map_tensors(visit)
     return n
 
 
@@ -100,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from semivss.config import load_config
     from semivss.engine.memory import tune_malloc
-    from semivss.engine.precision import images_channels_last
+    from semivss.engine.precision import Precision, images_channels_last
     from semivss.methods import build_method
     from semivss.models import build_model
 
@@ -111,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available")
     c = args.num_classes
+    precision = Precision.from_config(args.precision, device)
     runs: dict[str, dict[str, Any]] = {}
     for path in args.configs:
         cfg = load_config(path, ["model.pretrained=none", "model.init_from=null"])
@@ -138,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         at = r["max"] // 2 + i
-        losses = r["method"].training_step(r["models"], r["batch"], at, r["max"])
+        with precision.autocast():
+            losses = r["method"].training_step(r["models"], r["batch"], at, r["max"])
         r["opt"].zero_grad(set_to_none=True)
         losses["loss"].backward()
         r["opt"].step()
@@ -153,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             if i >= args.warmup:
                 r["times"].append(t)
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}; fp32 + channels_last; {args.iters} timed "
+          f"{_cpu()}; {precision.name} + channels_last; {args.iters} timed "
           f"steps each after {args.warmup} warm-up; data loading excluded")
     ref = statistics.median(next(iter(runs.values()))["times"])
     print("| config | method | images in batch | median s/step | x first |")
@@ -161,7 +173,25 @@ def main(argv: list[str] | None = None) -> int:
     for key, r in runs.items():
         med = statistics.median(r["times"])
         print(f"| {key} | {r['name']} | {r['images']} | {med:.3f} | {med / ref:.2f}x |")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        r = runs[args.profile]
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step(r, args.warmup + args.iters)
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
     return 0
+
+
+def _cpu() -> str:
+    """The CPU model name (``/proc/cpuinfo``), else what ``platform`` says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

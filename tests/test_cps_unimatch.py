@@ -467,3 +467,19 @@ def test_cps_average_is_reloaded_from_checkpoint_and_export(tmp_path: Path) -> N
             torch.testing.assert_close(torch.softmax(model(x)["logits"], 1), expect)
         model, _ = load_trained_model(tmp_path / "old_one.pt")
         torch.testing.assert_close(model(x)["logits"], nets[1](x)["logits"])
+
+
+@pytest.mark.parametrize(
+    "method,copies",
+    [(CPS({"threshold": "freematch"}, NUM_CLASSES), 0),
+     (UniMatch({"threshold": "freematch", "conf_weight_gamma": 1.0}, NUM_CLASSES), 2)],
+    ids=["cps", "unimatch"],
+)
+def test_classwise_thresholds_learn_and_are_checkpointed(tmp_path: Path, method: Method, copies: int) -> None:
+    """With ``threshold: freematch`` the class thresholds move away from 1/C as the networks become
+    confident, and they are part of the checkpointed method state (exact resume)."""
+    run_engine(tmp_path / "run", method, copies, iters=20)
+    level = float(method.thresholds.level)  # type: ignore[attr-defined]
+    assert level > 1.0 / NUM_CLASSES
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["method"]
+    assert float(state["thresholds"]["level"]) == pytest.approx(level)

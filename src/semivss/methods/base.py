@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from semivss.data.requests import DataRequest, LabeledRequest
 from semivss.errors import ConfigError
-from semivss.ops import resize
 from semivss.models.ensemble import ExportSpec, build_inference_model
+from semivss.ops import resize
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ official code: docs/methods.md#5-cps.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -20,14 +20,17 @@ from torch import Tensor, nn
 from semivss.data.requests import UnlabeledRequest
 from semivss.methods.base import DataSpec, Method, seg_ce_loss
 from semivss.methods.parts import (
+    ClasswiseThreshold,
     apply_cutmix,
     box_mix_mask,
+    confidence_weights,
     ignore_invalid,
     roll_permutation,
     step_generator,
+    weighted_ce,
 )
-from semivss.ops import resize
 from semivss.models.ensemble import ExportSpec, ProbAverage
+from semivss.ops import resize
 from semivss.registry import METHODS
 
 __all__ = ["CPS", "ProbAverage"]
@@ -58,6 +61,12 @@ class CPS(Method):
         n_boxes: int = Field(3, ge=1)
         prop_range: tuple[float, float] = (0.25, 0.5)
         inference: Literal["first", "average"] = "first"
+        # class-aware reliability (docs/methods.md#11-class-aware-reliability); the official CPS
+        # uses every pixel (conf_thresh 0, fixed) with weight 1
+        conf_thresh: float = Field(0.0, ge=0.0, le=1.0)
+        threshold: Literal["fixed", "freematch", "flexmatch"] = "fixed"
+        threshold_momentum: float = Field(0.999, ge=0.0, lt=1.0)
+        conf_weight_gamma: float = Field(0.0, ge=0.0)
 
         @field_validator("prop_range")
         @classmethod
@@ -89,6 +98,43 @@ class CPS(Method):
     def trainable(self, models: nn.ModuleDict) -> list[str]:
         return ["model", "model2"]
 
+    def __init__(
+        self, cfg: BaseModel | Mapping[str, Any] | None, num_classes: int, ignore_index: int = 255
+    ) -> None:
+        super().__init__(cfg, num_classes, ignore_index)
+        c = self.cfg
+        self.thresholds = ClasswiseThreshold(num_classes, c.threshold, c.conf_thresh, c.threshold_momentum)
+        self._filtering = c.threshold != "fixed" or c.conf_thresh > 0 or c.conf_weight_gamma > 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The class-wise threshold statistics (exact resume)."""
+        return {"thresholds": self.thresholds.state_dict()} if self.cfg.threshold != "fixed" else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "thresholds" in state:
+            self.thresholds.load_state_dict(state["thresholds"])
+
+    def _pseudo(self, logits: Tensor, valid: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Hard pseudo-label of one network's (upsampled, detached) logits, the ignore label on
+        invalid pixels and, with the reliability options, on pixels below their class threshold;
+        plus the confidence weights (None without ``conf_weight_gamma``)."""
+        label = ignore_invalid(cps_pseudo_label(logits), valid, self.ignore_index)
+        if not self._filtering:
+            return label, None
+        prob = torch.softmax(logits.float(), dim=1)
+        conf = prob.max(dim=1).values
+        self.thresholds.update(prob, valid)
+        label = label.masked_fill(~self.thresholds.mask(conf, label.clamp(max=self.num_classes - 1)),
+                                  self.ignore_index)
+        gamma = self.cfg.conf_weight_gamma
+        return label, confidence_weights(conf, gamma) if gamma else None
+
+    def _cross_loss(self, logits: Tensor, label: Tensor, weight: Tensor | None) -> Tensor:
+        if weight is None:
+            return seg_ce_loss(logits, label, self.ignore_index)
+        kept = label != self.ignore_index
+        return weighted_ce(logits, label, weight, kept, kept.sum(), self.ignore_index)
+
     def training_step(
         self, models: nn.ModuleDict, batch: dict[str, Any], step: int, max_steps: int
     ) -> dict[str, Tensor]:
@@ -110,27 +156,23 @@ class CPS(Method):
                 )
                 perm = roll_permutation(n_u, x_u.device)
                 x_mix = apply_cutmix(x_u, None, None, mask, perm)[0]
-                pl1 = cps_pseudo_label(apply_cutmix(t1, None, None, mask, perm)[0])  # type: ignore[arg-type]
-                pl2 = cps_pseudo_label(apply_cutmix(t2, None, None, mask, perm)[0])  # type: ignore[arg-type]
                 # padded pixels (pasted ones included) get no pseudo-label
                 valid = apply_cutmix(None, valid, None, mask, perm)[1]
-                pl1 = ignore_invalid(pl1, valid, self.ignore_index)
-                pl2 = ignore_invalid(pl2, valid, self.ignore_index)
+                pl1, w1 = self._pseudo(apply_cutmix(t1, None, None, mask, perm)[0], valid)  # type: ignore[arg-type]
+                pl2, w2 = self._pseudo(apply_cutmix(t2, None, None, mask, perm)[0], valid)  # type: ignore[arg-type]
             o1u, o2u = net1(x_mix)["logits"], net2(x_mix)["logits"]
             o1l, o2l = net1(x_l)["logits"], net2(x_l)["logits"]
-            loss_cps = seg_ce_loss(o1u, pl2, self.ignore_index) + seg_ce_loss(o2u, pl1, self.ignore_index)
+            loss_cps = self._cross_loss(o1u, pl2, w2) + self._cross_loss(o2u, pl1, w1)
         else:  # official plain CPS: cross supervision on labeled + unlabeled predictions
             n_l = x_l.shape[0]
             o1 = net1(torch.cat([x_l, x_u]))["logits"]
             o2 = net2(torch.cat([x_l, x_u]))["logits"]
             o1l, o2l = o1[:n_l], o2[:n_l]
             with torch.no_grad():
-                pl1 = cps_pseudo_label(_up(o1.detach(), size))
-                pl2 = cps_pseudo_label(_up(o2.detach(), size))
                 both = torch.cat([batch["labeled"].valid.bool(), valid])
-                pl1 = ignore_invalid(pl1, both, self.ignore_index)
-                pl2 = ignore_invalid(pl2, both, self.ignore_index)
-            loss_cps = seg_ce_loss(o1, pl2, self.ignore_index) + seg_ce_loss(o2, pl1, self.ignore_index)
+                pl1, w1 = self._pseudo(_up(o1.detach(), size), both)
+                pl2, w2 = self._pseudo(_up(o2.detach(), size), both)
+            loss_cps = self._cross_loss(o1, pl2, w2) + self._cross_loss(o2, pl1, w1)
         loss_sup = seg_ce_loss(o1l, y_l, self.ignore_index)
         loss_sup2 = seg_ce_loss(o2l, y_l, self.ignore_index)
         loss = loss_sup + loss_sup2 + cfg.cps_weight * loss_cps

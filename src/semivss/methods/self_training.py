@@ -27,6 +27,7 @@ from semivss.methods.parts import (
     BankCheckpoint,
     ClassMemoryBank,
     ContrastiveSettings,
+    classwise_reliability_split,
     reliability_split,
     step_generator,
     u2pl_contrastive_loss,
@@ -47,25 +48,26 @@ class ReliableConfig(BaseModel):
 
     ``threshold``: entropy < ``gamma`` nats (default ``0.5 ln C``); ``percentile``: the ``keep``
     fraction of the batch's valid pixels with the lowest entropy (default 0.8, U2PL's initial
-    share)."""
+    share), of each pseudo-labeled class separately with ``classwise`` (Eq. (CR-3))."""
 
     model_config = ConfigDict(extra="forbid")
 
     mode: Literal["threshold", "percentile"] = "threshold"
     gamma: float | None = Field(None, gt=0.0)
     keep: float = Field(0.8, ge=0.0, le=1.0)
+    classwise: bool = False
 
     @model_validator(mode="after")
     def _one_knob(self) -> ReliableConfig:
         if self.mode == "percentile" and self.gamma is not None:
             raise ValueError("gamma applies to mode 'threshold'; mode 'percentile' uses keep")
-        if self.mode == "threshold" and "keep" in self.model_fields_set:
-            raise ValueError("keep applies to mode 'percentile'; mode 'threshold' uses gamma")
+        if self.mode == "threshold" and self.model_fields_set & {"keep", "classwise"}:
+            raise ValueError("keep and classwise apply to mode 'percentile'; mode 'threshold' uses gamma")
         return self
 
 
 def split_reliable(
-    ent: Tensor, valid: Tensor, cfg: ReliableConfig, num_classes: int
+    ent: Tensor, valid: Tensor, cfg: ReliableConfig, num_classes: int, label: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """``(reliable, unreliable)`` boolean masks of the shape of ``ent`` (Eq. (ST-3)):
     both are inside ``valid`` and disjoint, and together they cover it."""
@@ -74,6 +76,10 @@ def split_reliable(
         gamma = cfg.gamma if cfg.gamma is not None else default_gamma(num_classes)
         reliable = valid & (ent < gamma)
         return reliable, valid & ~reliable
+    if cfg.classwise:
+        if label is None:
+            raise ValueError("reliable.classwise needs the pseudo-labels")
+        return classwise_reliability_split(ent, label, 100.0 * (1.0 - cfg.keep), valid, num_classes)
     return reliability_split(ent, 100.0 * (1.0 - cfg.keep), valid)
 
 
@@ -113,9 +119,9 @@ class SelfTraining(BankCheckpoint, Method):
         """Labeled frames plus frames of the pseudo-label set (``batch["pseudo"]``)."""
         return DataSpec.of(PseudoRequest(strong=self.cfg.strong))
 
-    def split(self, ent: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    def split(self, ent: Tensor, valid: Tensor, label: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Reliable / unreliable masks of a pseudo-labeled batch (:func:`split_reliable`)."""
-        return split_reliable(ent, valid, self.cfg.reliable, self.num_classes)
+        return split_reliable(ent, valid, self.cfg.reliable, self.num_classes, label)
 
     def training_step(
         self, models: nn.ModuleDict, batch: dict[str, Any], step: int, max_steps: int
@@ -145,7 +151,7 @@ class SelfTraining(BankCheckpoint, Method):
         loss_sup = seg_ce_loss(logits[:n_l], y_l, self.ignore_index)
 
         with torch.no_grad():
-            reliable, unreliable = self.split(pseudo.entropy, valid)
+            reliable, unreliable = self.split(pseudo.entropy, valid, y_p)
         target = y_p.masked_fill(~reliable, self.ignore_index)
         loss_unsup = seg_ce_loss(logits[n_l:], target, self.ignore_index)
 

@@ -12,7 +12,7 @@ Steps, Eq. (U2PL-1)..(U2PL-6) and the differences from the official code: docs/m
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, Field
@@ -24,6 +24,8 @@ from semivss.methods.base import DataSpec, ExportSpec, Method, seg_ce_loss, unwr
 from semivss.methods.parts import (
     BankCheckpoint,
     ClassMemoryBank,
+    classwise_reliability_split,
+    confidence_weights,
     ContrastiveSettings,
     alpha_schedule,
     apply_cutmix,
@@ -38,6 +40,7 @@ from semivss.methods.parts import (
     roll_permutation,
     step_generator,
     u2pl_contrastive_loss,
+    weighted_ce,
 )
 from semivss.ops import resize, resize_labels
 from semivss.registry import METHODS
@@ -57,6 +60,8 @@ def u2pl_unsup_loss(
     alpha_percent: float,
     valid: Tensor,
     ignore_index: int = 255,
+    classwise: int = 0,
+    weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """U2PL unsupervised loss (docs/methods.md#41-reliable-and-unreliable-pixels, Eq. (U2PL-4);
     paper Eq. 3 with the reliable split of Eq. 5-7): ``(loss, reliable, unreliable)``.
@@ -68,11 +73,18 @@ def u2pl_unsup_loss(
     equals the loss computed on the valid pixels alone (official: pixels with ``target != 255``).
     """
     with torch.no_grad():
-        reliable, unreliable = reliability_split(ent, alpha_percent, valid)
+        if classwise:  # the percentile within each predicted class (Eq. (CR-3))
+            reliable, unreliable = classwise_reliability_split(ent, pseudo, alpha_percent, valid, classwise)
+        else:
+            reliable, unreliable = reliability_split(ent, alpha_percent, valid)
         n_reliable = reliable.sum()
         scale = valid.sum().float() / n_reliable.clamp(min=1).float()
         target = pseudo.masked_fill(~reliable, ignore_index)
-    return seg_ce_loss(logits, target, ignore_index) * scale, reliable, unreliable
+    if weight is None:
+        loss = seg_ce_loss(logits, target, ignore_index)
+    else:  # confidence-weighted CE (Eq. (CR-4)), same normalisation
+        loss = weighted_ce(logits, target, weight, reliable, n_reliable, ignore_index)
+    return loss * scale, reliable, unreliable
 
 
 @METHODS.register("u2pl")
@@ -93,6 +105,11 @@ class U2PL(BankCheckpoint, Method):
         cutmix_area: float = Field(0.5, gt=0.0, le=1.0)
         eval_teacher: bool = True
         sup_only_iters: int = Field(0, ge=0)
+        # options (docs/methods.md#11-class-aware-reliability, #12-stronger-teachers); defaults
+        # are the official behaviour
+        percentile: Literal["global", "classwise"] = "global"
+        conf_weight_gamma: float = Field(0.0, ge=0.0)
+        teacher_flip: bool = False
 
     cfg: Config
 
@@ -141,6 +158,9 @@ class U2PL(BankCheckpoint, Method):
         with torch.no_grad():
             teacher.eval()
             prob_w = torch.softmax(resize(teacher(x_u)["logits"].float(), size), dim=1)
+            if cfg.teacher_flip:  # average with the teacher's prediction of the mirrored frame
+                flipped = teacher(x_u.flip(-1))["logits"].float()
+                prob_w = (prob_w + torch.softmax(resize(flipped, size), dim=1).flip(-1)) / 2
             conf, pseudo = prob_w.max(dim=1)
             x_s = x_u
             if float(torch.rand((), generator=gen)) < cfg.cutmix_p:
@@ -169,8 +189,10 @@ class U2PL(BankCheckpoint, Method):
             alpha = alpha_schedule(step, max_steps, cfg.alpha0)
 
         # 5. entropy split of the valid pixels; CE on reliable pixels x (valid / reliable pixels)
+        weight = confidence_weights(conf, cfg.conf_weight_gamma) if cfg.conf_weight_gamma else None
         loss_unsup, reliable, unreliable = u2pl_unsup_loss(
-            logits[n_l:], pseudo, ent, alpha, valid, self.ignore_index
+            logits[n_l:], pseudo, ent, alpha, valid, self.ignore_index,
+            classwise=self.num_classes if cfg.percentile == "classwise" else 0, weight=weight,
         )
         n_reliable = reliable.sum()
         n_valid = valid.sum().clamp(min=1).float()

@@ -11,28 +11,30 @@ docs/methods.md#6-unimatch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
-from semivss.errors import ConfigError
 from semivss.data.requests import UnlabeledRequest
+from semivss.errors import ConfigError
 from semivss.methods.base import DataSpec, Method, seg_ce_loss, unwrap
-from semivss.ops import resize
 from semivss.methods.parts import (
+    ClasswiseThreshold,
     apply_cutmix,
     batch_cutmix_boxes,
+    confidence_weights,
     roll_permutation,
     step_generator,
 )
+from semivss.ops import resize
 from semivss.registry import METHODS
 
-__all__ = ["UniMatch", "confident_ce", "feature_dropout"]
+__all__ = ["UniMatch", "confident_ce", "feature_dropout", "masked_ce"]
 
 
 @contextmanager
@@ -67,21 +69,29 @@ def feature_dropout(model: nn.Module, p: float, start: int = 0) -> Iterator[None
         handle.remove()
 
 
-def confident_ce(logits: Tensor, target: Tensor, conf: Tensor, threshold: float, valid: Tensor) -> Tensor:
-    """UniMatch unlabeled loss (official ``unimatch.py``): per-pixel CE of ``logits`` (upsampled
-    bilinearly to the target size) against ``target`` (B,H,W), kept where ``conf >= threshold``
-    and ``valid`` (bool (B,H,W)), summed and divided by the number of valid pixels (official: the
-    non-padding pixels; at least 1)."""
+def masked_ce(logits: Tensor, target: Tensor, keep: Tensor, valid: Tensor,
+              weight: Tensor | None = None) -> Tensor:
+    """Per-pixel CE of ``logits`` (upsampled bilinearly to the target size) against ``target``
+    (B,H,W) on the ``keep & valid`` pixels, optionally weighted per pixel (Eq. (CR-4)), summed and
+    divided by the number of ``valid`` pixels (official: the non-padding pixels; at least 1)."""
     logits = resize(logits, target.shape[-2:])
     ce = F.cross_entropy(logits.float(), target, reduction="none")
     valid = valid.to(target.device).bool()
-    keep = ((conf >= threshold) & valid).to(ce.dtype)
-    return (ce * keep).sum() / valid.sum().clamp(min=1).to(ce.dtype)
+    kept = (keep.to(target.device).bool() & valid).to(ce.dtype)
+    if weight is not None:
+        kept = kept * weight
+    return (ce * kept).sum() / valid.sum().clamp(min=1).to(ce.dtype)
 
 
-def _mask_ratio(conf: Tensor, threshold: float, valid: Tensor) -> Tensor:
+def confident_ce(logits: Tensor, target: Tensor, conf: Tensor, threshold: float, valid: Tensor) -> Tensor:
+    """UniMatch unlabeled loss (official ``unimatch.py``, Eq. (UM-2)): :func:`masked_ce` on the
+    pixels with ``conf >= threshold``."""
+    return masked_ce(logits, target, conf >= threshold, valid)
+
+
+def _mask_ratio(keep: Tensor, valid: Tensor) -> Tensor:
     """Share of the valid pixels whose confidence passes the threshold (official ``mask_ratio``)."""
-    return ((conf >= threshold) & valid).sum().float() / valid.sum().clamp(min=1).float()
+    return (keep & valid).sum().float() / valid.sum().clamp(min=1).float()
 
 
 @METHODS.register("unimatch")
@@ -106,6 +116,11 @@ class UniMatch(Method):
         cutmix_p: float = Field(0.5, ge=0.0, le=1.0)
         cutmix_area: tuple[float, float] = (0.02, 0.4)
         cutmix_ratio: tuple[float, float] = (0.3, 1.0 / 0.3)
+        # class-aware reliability (docs/methods.md#11-class-aware-reliability); the defaults are
+        # the official fixed threshold and unweighted loss
+        threshold: Literal["fixed", "freematch", "flexmatch"] = "fixed"
+        threshold_momentum: float = Field(0.999, ge=0.0, lt=1.0)
+        conf_weight_gamma: float = Field(0.0, ge=0.0)
 
         @field_validator("cutmix_area", "cutmix_ratio")
         @classmethod
@@ -122,6 +137,21 @@ class UniMatch(Method):
             return v
 
     cfg: Config
+
+    def __init__(
+        self, cfg: BaseModel | Mapping[str, Any] | None, num_classes: int, ignore_index: int = 255
+    ) -> None:
+        super().__init__(cfg, num_classes, ignore_index)
+        c = self.cfg
+        self.thresholds = ClasswiseThreshold(num_classes, c.threshold, c.conf_thresh, c.threshold_momentum)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The class-wise threshold statistics (exact resume)."""
+        return {"thresholds": self.thresholds.state_dict()} if self.cfg.threshold != "fixed" else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "thresholds" in state:
+            self.thresholds.load_state_dict(state["thresholds"])
 
     def data_spec(self) -> DataSpec:
         """One unlabeled frame per sample with two strong copies (``UnlabeledBatch.strong``)."""
@@ -166,16 +196,20 @@ class UniMatch(Method):
         with torch.no_grad():
             prob = torch.softmax(resize(pred_w.detach().float(), size), dim=1)
             conf, mask = prob.max(dim=1)
+            self.thresholds.update(prob, valid)
+            keep = self.thresholds.mask(conf, mask)
             _, mask1, conf1 = apply_cutmix(None, mask, conf, box1, perm)
             _, mask2, conf2 = apply_cutmix(None, mask, conf, box2, perm)
-            # a pasted padded region stays invalid
-            valid1 = apply_cutmix(None, valid, None, box1, perm)[1]
-            valid2 = apply_cutmix(None, valid, None, box2, perm)[1]
+            # a pasted padded region stays invalid; the keep mask travels with its pixels
+            valid1, keep1 = (apply_cutmix(None, m, None, box1, perm)[1] for m in (valid, keep))
+            valid2, keep2 = (apply_cutmix(None, m, None, box2, perm)[1] for m in (valid, keep))
+            gamma = cfg.conf_weight_gamma
+            w, w1, w2 = ((confidence_weights(c, gamma) if gamma else None) for c in (conf, conf1, conf2))
 
         loss_x = seg_ce_loss(pred_x, y_l, self.ignore_index)
-        loss_s1 = confident_ce(pred_s1, mask1, conf1, cfg.conf_thresh, valid1)  # type: ignore[arg-type]
-        loss_s2 = confident_ce(pred_s2, mask2, conf2, cfg.conf_thresh, valid2)  # type: ignore[arg-type]
-        loss_fp = confident_ce(pred_fp, mask, conf, cfg.conf_thresh, valid)
+        loss_s1 = masked_ce(pred_s1, mask1, keep1, valid1, w1)  # type: ignore[arg-type]
+        loss_s2 = masked_ce(pred_s2, mask2, keep2, valid2, w2)  # type: ignore[arg-type]
+        loss_fp = masked_ce(pred_fp, mask, keep, valid, w)
         loss_u = cfg.weight_s1 * loss_s1 + cfg.weight_s2 * loss_s2 + cfg.weight_fp * loss_fp
         loss = cfg.sup_weight * loss_x + cfg.unsup_weight * loss_u
         return {
@@ -183,5 +217,5 @@ class UniMatch(Method):
             "loss_sup": loss_x.detach(),
             "loss_s": ((loss_s1 + loss_s2) / 2).detach(),
             "loss_fp": loss_fp.detach(),
-            "mask_ratio": _mask_ratio(conf, cfg.conf_thresh, valid),
+            "mask_ratio": _mask_ratio(keep, valid),
         }

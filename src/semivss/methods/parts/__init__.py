@@ -1,6 +1,12 @@
 """Reusable parts of online pseudo-label methods: EMA teacher, CutMix, entropy-based reliability,
 per-class memory bank, the U2PL contrastive loss and padding masks (docs/methods.md, Sections 4-6)."""
 
+from semivss.methods.parts.class_reliability import (
+    ClasswiseThreshold,
+    classwise_reliability_split,
+    confidence_weights,
+    weighted_ce,
+)
 from semivss.methods.parts.contrastive import (
     ContrastiveSettings,
     class_ranks,
@@ -26,6 +32,10 @@ from semivss.methods.parts.reliability import (
 )
 
 __all__ = [
+    "ClasswiseThreshold",
+    "classwise_reliability_split",
+    "confidence_weights",
+    "weighted_ce",
     "BankCheckpoint",
     "ClassMemoryBank",
     "ContrastiveSettings",
