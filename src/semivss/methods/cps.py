@@ -21,6 +21,7 @@ from semivss.data.requests import UnlabeledRequest
 from semivss.methods.base import DataSpec, Method, seg_ce_loss
 from semivss.methods.parts import (
     ClasswiseThreshold,
+    ThresholdCheckpoint,
     apply_cutmix,
     box_mix_mask,
     confidence_weights,
@@ -46,7 +47,7 @@ def cps_pseudo_label(logits: Tensor) -> Tensor:
 
 
 @METHODS.register("cps")
-class CPS(Method):
+class CPS(ThresholdCheckpoint, Method):
     """Two networks supervising each other with hard pseudo-labels (+ CutMix)."""
 
     name: ClassVar[str] = "cps"
@@ -105,14 +106,6 @@ class CPS(Method):
         c = self.cfg
         self.thresholds = ClasswiseThreshold(num_classes, c.threshold, c.conf_thresh, c.threshold_momentum)
         self._filtering = c.threshold != "fixed" or c.conf_thresh > 0 or c.conf_weight_gamma > 0
-
-    def state_dict(self) -> dict[str, Any]:
-        """The class-wise threshold statistics (exact resume)."""
-        return {"thresholds": self.thresholds.state_dict()} if self.cfg.threshold != "fixed" else {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "thresholds" in state:
-            self.thresholds.load_state_dict(state["thresholds"])
 
     def _pseudo(self, logits: Tensor, valid: Tensor) -> tuple[Tensor, Tensor | None]:
         """Hard pseudo-label of one network's (upsampled, detached) logits, the ignore label on

@@ -25,6 +25,7 @@ from semivss.errors import ConfigError
 from semivss.methods.base import DataSpec, Method, seg_ce_loss, unwrap
 from semivss.methods.parts import (
     ClasswiseThreshold,
+    ThresholdCheckpoint,
     apply_cutmix,
     batch_cutmix_boxes,
     confidence_weights,
@@ -95,7 +96,7 @@ def _mask_ratio(keep: Tensor, valid: Tensor) -> Tensor:
 
 
 @METHODS.register("unimatch")
-class UniMatch(Method):
+class UniMatch(ThresholdCheckpoint, Method):
     """FixMatch-style weak-to-strong training with a feature-perturbation stream (UniMatch V1)."""
 
     name: ClassVar[str] = "unimatch"
@@ -144,14 +145,6 @@ class UniMatch(Method):
         super().__init__(cfg, num_classes, ignore_index)
         c = self.cfg
         self.thresholds = ClasswiseThreshold(num_classes, c.threshold, c.conf_thresh, c.threshold_momentum)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The class-wise threshold statistics (exact resume)."""
-        return {"thresholds": self.thresholds.state_dict()} if self.cfg.threshold != "fixed" else {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "thresholds" in state:
-            self.thresholds.load_state_dict(state["thresholds"])
 
     def data_spec(self) -> DataSpec:
         """One unlabeled frame per sample with two strong copies (``UnlabeledBatch.strong``)."""

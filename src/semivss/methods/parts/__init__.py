@@ -3,6 +3,7 @@ per-class memory bank, the U2PL contrastive loss and padding masks (docs/methods
 
 from semivss.methods.parts.class_reliability import (
     ClasswiseThreshold,
+    ThresholdCheckpoint,
     classwise_reliability_split,
     confidence_weights,
     weighted_ce,
@@ -33,6 +34,7 @@ from semivss.methods.parts.reliability import (
 
 __all__ = [
     "ClasswiseThreshold",
+    "ThresholdCheckpoint",
     "classwise_reliability_split",
     "confidence_weights",
     "weighted_ce",

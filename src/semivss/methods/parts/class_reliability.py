@@ -17,7 +17,7 @@ from torch import Tensor
 
 from semivss.methods.parts.reliability import entropy_rank_mask
 
-__all__ = ["ClasswiseThreshold", "classwise_reliability_split", "confidence_weights", "weighted_ce"]
+__all__ = ["ClasswiseThreshold", "ThresholdCheckpoint", "classwise_reliability_split", "confidence_weights", "weighted_ce"]
 
 ThresholdMode = Literal["fixed", "freematch", "flexmatch"]
 
@@ -118,3 +118,18 @@ def weighted_ce(logits: Tensor, target: Tensor, weight: Tensor, keep: Tensor, de
     ce = F.cross_entropy(resize(logits, target.shape[-2:]).float(), target, ignore_index=ignore_index,
                          reduction="none")
     return (ce * weight * keep.float()).sum() / denominator.clamp(min=1).float()
+
+
+class ThresholdCheckpoint:
+    """Method mixin: checkpoint ``self.thresholds`` (a :class:`ClasswiseThreshold`) as the method
+    state when the method's ``threshold`` option is adaptive (exact resume)."""
+
+    thresholds: ClasswiseThreshold
+    cfg: Any
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"thresholds": self.thresholds.state_dict()} if self.cfg.threshold != "fixed" else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "thresholds" in state:
+            self.thresholds.load_state_dict(state["thresholds"])
