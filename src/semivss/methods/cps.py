@@ -10,7 +10,7 @@ official code: docs/methods.md#5-cps.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from semivss.data.requests import UnlabeledRequest
 from semivss.methods.base import DataSpec, Method, seg_ce_loss
 from semivss.methods.parts import (
-    ClasswiseThreshold,
     ThresholdCheckpoint,
     apply_cutmix,
     box_mix_mask,
@@ -99,13 +98,10 @@ class CPS(ThresholdCheckpoint, Method):
     def trainable(self, models: nn.ModuleDict) -> list[str]:
         return ["model", "model2"]
 
-    def __init__(
-        self, cfg: BaseModel | Mapping[str, Any] | None, num_classes: int, ignore_index: int = 255
-    ) -> None:
-        super().__init__(cfg, num_classes, ignore_index)
+    @property
+    def _filtering(self) -> bool:
         c = self.cfg
-        self.thresholds = ClasswiseThreshold(num_classes, c.threshold, c.conf_thresh, c.threshold_momentum)
-        self._filtering = c.threshold != "fixed" or c.conf_thresh > 0 or c.conf_weight_gamma > 0
+        return c.threshold != "fixed" or c.conf_thresh > 0 or c.conf_weight_gamma > 0
 
     def _pseudo(self, logits: Tensor, valid: Tensor) -> tuple[Tensor, Tensor | None]:
         """Hard pseudo-label of one network's (upsampled, detached) logits, the ignore label on

@@ -11,7 +11,7 @@ docs/methods.md#6-unimatch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar, Literal
 
@@ -24,7 +24,6 @@ from semivss.data.requests import UnlabeledRequest
 from semivss.errors import ConfigError
 from semivss.methods.base import DataSpec, Method, seg_ce_loss, unwrap
 from semivss.methods.parts import (
-    ClasswiseThreshold,
     ThresholdCheckpoint,
     apply_cutmix,
     batch_cutmix_boxes,
@@ -138,13 +137,6 @@ class UniMatch(ThresholdCheckpoint, Method):
             return v
 
     cfg: Config
-
-    def __init__(
-        self, cfg: BaseModel | Mapping[str, Any] | None, num_classes: int, ignore_index: int = 255
-    ) -> None:
-        super().__init__(cfg, num_classes, ignore_index)
-        c = self.cfg
-        self.thresholds = ClasswiseThreshold(num_classes, c.threshold, c.conf_thresh, c.threshold_momentum)
 
     def data_spec(self) -> DataSpec:
         """One unlabeled frame per sample with two strong copies (``UnlabeledBatch.strong``)."""

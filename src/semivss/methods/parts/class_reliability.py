@@ -121,11 +121,16 @@ def weighted_ce(logits: Tensor, target: Tensor, weight: Tensor, keep: Tensor, de
 
 
 class ThresholdCheckpoint:
-    """Method mixin: checkpoint ``self.thresholds`` (a :class:`ClasswiseThreshold`) as the method
-    state when the method's ``threshold`` option is adaptive (exact resume)."""
+    """Method mixin: ``self.thresholds``, a :class:`ClasswiseThreshold` built from the config keys
+    ``threshold``, ``conf_thresh`` and ``threshold_momentum``, checkpointed as the method state
+    when adaptive (exact resume)."""
 
-    thresholds: ClasswiseThreshold
     cfg: Any
+
+    def __init__(self, cfg: Any, num_classes: int, ignore_index: int = 255) -> None:
+        super().__init__(cfg, num_classes, ignore_index)  # type: ignore[call-arg]
+        c = self.cfg
+        self.thresholds = ClasswiseThreshold(num_classes, c.threshold, c.conf_thresh, c.threshold_momentum)
 
     def state_dict(self) -> dict[str, Any]:
         return {"thresholds": self.thresholds.state_dict()} if self.cfg.threshold != "fixed" else {}
