@@ -117,3 +117,18 @@ def _count(sp: Split, vs: VideoSet) -> dict[str, list[int]]:
     for r in sp.labeled:
         out.setdefault(r.video, []).append(vs.position(r))
     return out
+
+
+def test_one_unlabeled_frame_per_label_interval() -> None:
+    """The image-SSL pool: with k = 4 the labeled positions are 2, 6, 10 and the unlabeled pool
+    keeps only the frames halfway between them (positions 0, 4, 8), not all nine others."""
+    vs = _set({"v": (list(range(12)), set(range(12)))})
+    from semivss.data.config import SplitConfig
+
+    full = build_split(SplitConfig(mode="every_kth", k=4), vs)
+    assert [r.index for r in full.labeled] == [2, 6, 10] and len(full.unlabeled) == 9
+    pool = build_split(SplitConfig(mode="every_kth", k=4, unlabeled="one_per_interval"), vs)
+    assert pool.labeled == full.labeled
+    assert [r.index for r in pool.unlabeled] == [0, 4, 8]
+    with pytest.raises(ValueError, match="every_kth"):
+        SplitConfig(mode="single", unlabeled="one_per_interval")

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from semivss.data.formats import load_dataset
 from semivss.data.remap import LabelMap
-from semivss.data.splits import Split, all_labeled, every_kth, single_frame
+from semivss.data.splits import Split, all_labeled, every_kth, one_unlabeled_per_interval, single_frame
 from semivss.data.transforms import ClipAugment
 from semivss.data.video import VideoSet
 from semivss.registry import FORMATS
@@ -28,11 +28,16 @@ class SplitConfig(BaseModel):
     k: int = Field(8, ge=1)
     phase: int | None = Field(None, ge=0)
     position: int = 0
+    # unlabeled pool: every other frame of the training videos (video SSL), or one frame per label
+    # interval (the image-SSL setting; every_kth only)
+    unlabeled: Literal["all", "one_per_interval"] = "all"
 
     @model_validator(mode="after")
     def _phase_below_k(self) -> SplitConfig:
         if self.phase is not None and self.phase >= self.k:
             raise ValueError(f"phase must be < k ({self.k}), got {self.phase}")
+        if self.unlabeled != "all" and self.mode != "every_kth":
+            raise ValueError("unlabeled: one_per_interval needs mode every_kth")
         return self
 
 
@@ -84,7 +89,10 @@ def build_split(s: SplitConfig, videoset: VideoSet) -> Split:
     """Labeled/unlabeled split of a video set according to the label-ratio rule `s`
     (`DataConfig.split`)."""
     if s.mode == "every_kth":
-        return every_kth(videoset, s.k, s.phase)
+        split = every_kth(videoset, s.k, s.phase)
+        if s.unlabeled == "one_per_interval":
+            split = one_unlabeled_per_interval(split, videoset, s.k, s.phase)
+        return split
     if s.mode == "single":
         return single_frame(videoset, s.position)
     return all_labeled(videoset)

@@ -15,7 +15,8 @@ from typing import Literal
 from semivss.data.video import FrameRef, VideoSet
 from semivss.errors import ConfigError, DataError
 
-__all__ = ["Split", "every_kth", "single_frame", "all_labeled", "nearest_labeled_offset"]
+__all__ = ["Split", "every_kth", "single_frame", "all_labeled", "nearest_labeled_offset",
+           "one_unlabeled_per_interval"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,16 @@ def every_kth(videoset: VideoSet, k: int, phase: int | None = None) -> Split:
         raise ConfigError(f"split phase must be in 0..{k - 1}, got {phase}")
     chosen = [r for v in videoset.videos for p, r in enumerate(v.annotated()) if p % k == phase]
     return _make(videoset, chosen, f"every_kth(k={k}, phase={phase})")
+
+
+def one_unlabeled_per_interval(split: Split, videoset: VideoSet, k: int, phase: int | None = None) -> Split:
+    """The image-SSL pool of the IFR paper's Table 1 question: of the unlabeled frames keep one per
+    label interval, the frame halfway between two labeled ones (video frame position p with
+    p % k == (phase + k // 2) % k, phase default k // 2), instead of every frame of the videos."""
+    phase = k // 2 if phase is None else phase
+    target = (phase + k // 2) % k
+    keep = {r for v in videoset.videos for p, r in enumerate(v.refs()) if p % k == target}
+    return Split(split.labeled, [r for r in split.unlabeled if r in keep])
 
 
 def single_frame(videoset: VideoSet, position: int = 0) -> Split:
