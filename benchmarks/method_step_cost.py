@@ -28,6 +28,7 @@ DEFAULT_CONFIGS = [
     "configs/camvid-ssvs/u2pl_1-8.yaml",
     "configs/camvid-ssvs/cps_1-8.yaml",
     "configs/camvid-ssvs/unimatch_1-8.yaml",
+    "configs/camvid-ssvs/cac_1-8.yaml",
     "configs/camvid-ssvs/recipe/student_self_training.yaml",
 ]
 

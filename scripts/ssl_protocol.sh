@@ -4,7 +4,7 @@
 # supervised training from it, and every method is warm-started from it (student, and teacher where
 # the method has one, are copies of it), each for ITERS more iterations with the same schedule.
 # Every row is evaluated on val (single scale, offsets) and written as a record under RESULTS.
-# Usage: scripts/ssl_protocol.sh RATIO [ROW ...]   RATIO: 8 | 16; ROW: control | u2pl | cps |
+# Usage: scripts/ssl_protocol.sh RATIO [ROW ...]   RATIO: 8 | 16; ROW: control | u2pl | cps | cac |
 #        unimatch | ifr (default: control and every method with a config at that ratio).
 # Environment: RUNS (default runs/ssl), CAMVID (CamVid root), ITERS (default 1000), SEED (adds
 # --set train.seed=SEED and a -sSEED suffix to the row), RESULTS (default results/camvid-ssvs-1-RATIO),
@@ -18,7 +18,7 @@ shift
 case "$K" in 8|16) ;; *) echo "label ratio must be 8 or 16, got $K" >&2; exit 2 ;; esac
 ROWS=("$@")
 CFG=configs/camvid-ssvs
-[ ${#ROWS[@]} -gt 0 ] || { ROWS=(control); for m in u2pl cps unimatch ifr; do
+[ ${#ROWS[@]} -gt 0 ] || { ROWS=(control); for m in u2pl cps unimatch ifr cac; do
   [ -f "$CFG/${m}_1-$K.yaml" ] && ROWS+=("$m"); done; }
 RUNS=${RUNS:-runs/ssl}
 DATA=${CAMVID:-../shared/data/camvid}

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["LabeledBatch", "PseudoBatch", "TensorBatch", "UnlabeledBatch"]
+__all__ = ["LabeledBatch", "OverlapBatch", "PseudoBatch", "TensorBatch", "UnlabeledBatch"]
 
 B = TypeVar("B", bound="TensorBatch")
 
@@ -129,4 +129,23 @@ class PseudoBatch(TensorBatch):
             _check("PseudoBatch", name, getattr(self, name), _shape(self.label))
         for i, s in enumerate(self.strong):
             _check("PseudoBatch", f"strong[{i}]", s, _shape(self.image))
+
+
+@dataclass(frozen=True)
+class OverlapBatch(TensorBatch):
+    """Two overlapping crops of one unlabeled frame (CAC): ``image`` ([B,]2,3,H,W), ``valid``
+    ([B,]2,H,W) bool, ``overlap`` ([B,]2,4) int64 = (top, left, bottom, right) of the shared
+    region in each crop's own unflipped pixel frame (same size in both), ``flip`` ([B,]2) bool =
+    the crop was mirrored after cropping."""
+
+    image: Tensor
+    valid: Tensor
+    overlap: Tensor
+    flip: Tensor
+
+    def __post_init__(self) -> None:
+        shape = _shape(self.image)
+        _check("OverlapBatch", "valid", self.valid, shape[:-3] + shape[-2:])
+        _check("OverlapBatch", "overlap", self.overlap, shape[:-3] + (4,))
+        _check("OverlapBatch", "flip", self.flip, shape[:-3])
 

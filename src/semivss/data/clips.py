@@ -13,11 +13,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from semivss.data.batch import LabeledBatch, UnlabeledBatch
+from semivss.data.batch import LabeledBatch, OverlapBatch, UnlabeledBatch
 from semivss.data.transforms import ClipAugment, EvalResize, StrongPhotometric, label_to_tensor, to_tensor
 from semivss.data.video import Frame, FrameRef, VideoSet
 from semivss.errors import ConfigError, DataError
@@ -26,6 +27,7 @@ __all__ = [
     "LabeledClips",
     "UnlabeledClips",
     "EvalFrames",
+    "OverlapCrops",
     "collate",
     "pick_neighbours",
 ]
@@ -214,6 +216,88 @@ class UnlabeledClips(Dataset[UnlabeledBatch]):
             valid.unsqueeze(0).expand(len(imgs), *valid.shape).clone(),
             strong,
         )
+
+
+class OverlapCrops(Dataset[OverlapBatch]):
+    """Two overlapping crops of one unlabeled frame (CAC; docs/methods.md#13-cac).
+
+    The frame is resized once to ``base_size`` x s, s ~ U[``scale_range``] (both crops share the
+    scale), padded bottom/right where smaller than the crop; crop 1 is placed uniformly, crop 2 too,
+    with its offset from crop 1 rounded toward zero to a multiple of ``stride``, until the two
+    overlap with an IoU inside ``iou_bound`` (50 tries, then crop 2 = crop 1). Each crop is then
+    mirrored with p = 0.5 and distorted photometrically on its own (``photometric``). Returns an
+    :class:`OverlapBatch` sample.
+    """
+
+    def __init__(
+        self,
+        videoset: VideoSet,
+        frames: Sequence[FrameRef],
+        crop_size: tuple[int, int],
+        base_size: tuple[int, int] | None,
+        scale_range: tuple[float, float] = (0.8, 2.0),
+        iou_bound: tuple[float, float] = (0.1, 1.0),
+        stride: int = 8,
+        photometric: bool = True,
+        split_name: str = "unlabeled",
+    ) -> None:
+        if not frames:
+            raise DataError(f"{split_name} split of video set {videoset.name!r} is empty: no unlabeled frames")
+        if crop_size[0] % stride or crop_size[1] % stride:
+            raise ConfigError(f"crop size {tuple(crop_size)} must be a multiple of the stride {stride}")
+        self.videoset = videoset
+        self.frames = _check_refs(videoset, frames, split_name, need_label=False)
+        self.crop, self.base, self.scale_range = tuple(crop_size), base_size, tuple(scale_range)
+        self.iou_bound, self.stride, self.photometric = tuple(iou_bound), stride, photometric
+        self.strong = StrongPhotometric(jitter=(0.4, 0.4, 0.4, 0.1), blur_kernel=5, blur_sigma=(1.1, 1.1))
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def _offsets(self, rng: np.random.Generator, h: int, w: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        ch, cw = self.crop
+        s = self.stride
+        y1, x1 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        for _ in range(50):
+            y2, x2 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+            dy, dx = int((y2 - y1) / s) * s, int((x2 - x1) / s) * s  # toward zero: stays inside
+            inter = max(ch - abs(dy), 0) * max(cw - abs(dx), 0)
+            if inter and self.iou_bound[0] <= inter / (2 * ch * cw - inter) <= self.iou_bound[1]:
+                return (y1, x1), (y1 + dy, x1 + dx)
+        return (y1, x1), (y1, x1)
+
+    def __getitem__(self, item: SampleIndex) -> OverlapBatch:
+        idx, seed = _resolve(item)
+        rng = np.random.default_rng(seed)
+        image = self.videoset.read_image(self.frames[idx])
+        base = self.base or (int(image.shape[0]), int(image.shape[1]))
+        scale = float(rng.uniform(*self.scale_range))
+        h, w = max(1, round(base[0] * scale)), max(1, round(base[1] * scale))
+        image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+        ch, cw = self.crop
+        ph, pw = max(h, ch), max(w, cw)
+        padded = np.zeros((ph, pw, 3), np.uint8)
+        padded[:h, :w] = image
+        valid = np.zeros((ph, pw), bool)
+        valid[:h, :w] = True
+        (y1, x1), (y2, x2) = self._offsets(rng, ph, pw)
+        dy, dx = y2 - y1, x2 - x1
+        boxes = [(max(0, dy), max(0, dx), min(ch, ch + dy), min(cw, cw + dx)),
+                 (max(0, -dy), max(0, -dx), min(ch, ch - dy), min(cw, cw - dx))]
+        crops, valids, flips = [], [], []
+        for y, x in ((y1, x1), (y2, x2)):
+            img, val = padded[y:y + ch, x:x + cw], valid[y:y + ch, x:x + cw]
+            flip = bool(rng.random() < 0.5)
+            if flip:
+                img, val = img[:, ::-1], val[:, ::-1]
+            img = np.ascontiguousarray(img)
+            if self.photometric:
+                img = self.strong(img, int(rng.integers(_U32)))
+            crops.append(to_tensor(img))
+            valids.append(torch.from_numpy(np.ascontiguousarray(val)))
+            flips.append(flip)
+        return OverlapBatch(torch.stack(crops), torch.stack(valids),
+                            torch.tensor(boxes, dtype=torch.int64), torch.tensor(flips))
 
 
 class EvalFrames(Dataset[dict[str, Any]]):

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from semivss.data.transforms import ClipAugment
     from semivss.data.video import VideoSet
 
-__all__ = ["DataRequest", "LabeledRequest", "PseudoRequest", "TrainSource", "UnlabeledRequest"]
+__all__ = ["DataRequest", "LabeledRequest", "OverlapRequest", "PseudoRequest", "TrainSource", "UnlabeledRequest"]
 
 
 @dataclass(frozen=True)
@@ -131,3 +131,29 @@ class PseudoRequest:
             )
         ds = PseudoLabeledFrames(source.videoset, d.pseudo_labels, source.augment, strong=self.strong)
         return ds, d.unlabeled_batch_size
+
+
+@dataclass(frozen=True)
+class OverlapRequest:
+    """Two overlapping crops of each unlabeled frame (``OverlapBatch``, CAC), of ``data.crop_size``
+    from the frame resized to ``data.base_size`` x U[``scale_range``]."""
+
+    key: ClassVar[str] = "overlap"
+    scale_range: tuple[float, float] = (0.8, 2.0)
+    iou_bound: tuple[float, float] = (0.1, 1.0)
+    stride: int = 8
+
+    def build(self, source: TrainSource) -> tuple[Dataset, int]:
+        from semivss.data.clips import OverlapCrops
+
+        d = source.cfg
+        if not source.split.unlabeled:
+            raise DataError(f"{d.root} ({d.train_split}): the split has no unlabeled frames, "
+                            f"but method '{source.method}' needs them")
+        if d.unlabeled_batch_size < 1:
+            raise ConfigError(f"data.unlabeled_batch_size: method '{source.method}' needs a positive "
+                              "batch size for its unlabeled frames")
+        ds = OverlapCrops(source.videoset, source.split.unlabeled, tuple(d.crop_size), d.base_size,
+                          self.scale_range, self.iou_bound, self.stride)
+        return ds, d.unlabeled_batch_size
+

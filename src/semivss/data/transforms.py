@@ -177,15 +177,20 @@ class ClipAugment:
 
 class StrongPhotometric:
     """UniMatch strong distortion: colour jitter (0.5, 0.5, 0.5, 0.25) p=0.8, random grayscale
-    p=0.2, Gaussian blur sigma U[0.1, 2.0] p=0.5; per frame, seeded per call."""
+    p=0.2, Gaussian blur sigma U[0.1, 2.0] p=0.5; per frame, seeded per call. ``jitter``,
+    ``blur_kernel`` (0 = from sigma) and ``blur_sigma`` change the strengths (CAC: jitter
+    (0.4, 0.4, 0.4, 0.1), a 5x5 kernel of sigma 1.1)."""
 
-    def __init__(self, seed: int | None = None) -> None:
+    def __init__(self, seed: int | None = None, jitter: tuple[float, float, float, float] = (0.5, 0.5, 0.5, 0.25),
+                 blur_kernel: int = 0, blur_sigma: tuple[float, float] = (0.1, 2.0)) -> None:
         self.seed = seed
+        b, c, s, h = jitter
         self._pipeline = A.Compose(
             [
-                A.ColorJitter(brightness=0.5, contrast=0.5, saturation=0.5, hue=0.25, p=0.8),
+                A.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h, p=0.8),
                 A.ToGray(num_output_channels=3, p=0.2),
-                A.GaussianBlur(blur_limit=0, sigma_limit=(0.1, 2.0), p=0.5),
+                A.GaussianBlur(blur_limit=(blur_kernel, blur_kernel) if blur_kernel else 0,
+                               sigma_limit=blur_sigma, p=0.5),
             ],
             seed=seed,
         )
