@@ -57,7 +57,7 @@ def random_batch(spec: Any, b: int, u: int, h: int, w: int, c: int, gen: Any) ->
     """Random typed batches shaped as the trainer's datasets give them for ``spec``."""
     import torch
 
-    from semivss.data.batch import LabeledBatch, PseudoBatch, UnlabeledBatch
+    from semivss.data.batch import LabeledBatch, OverlapBatch, PseudoBatch, UnlabeledBatch
 
     def img(*lead: int) -> torch.Tensor:
         return torch.randn(*lead, 3, h, w, generator=gen)
@@ -86,6 +86,11 @@ def random_batch(spec: Any, b: int, u: int, h: int, w: int, c: int, gen: Any) ->
         batch["pseudo"] = PseudoBatch(img(u), label(u).clamp(max=c - 1),
                                       torch.rand(u, h, w, generator=gen) * math.log(c), ones(u, h, w),
                                       [img(u)] if pseudo.strong else [])
+    overlap = spec.get("overlap")
+    if overlap is not None and u:
+        dy, dx = overlap.stride * (h // overlap.stride // 4), overlap.stride * (w // overlap.stride // 4)
+        boxes = torch.tensor([[dy, dx, h, w], [0, 0, h - dy, w - dx]]).repeat(u, 1, 1)
+        batch["overlap"] = OverlapBatch(img(u, 2), ones(u, 2, h, w), boxes, torch.zeros(u, 2, dtype=torch.bool))
     return batch
 
 
