@@ -75,8 +75,13 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> dict[str, float]:
 
     out_dir = Path(cfg.out_dir)
     if dist.is_main():
+        from semivss.results import git_commit, machine_info
+
         out_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out_dir / ("config.resumed.yaml" if resume else "config.yaml"))
+        provenance = {"commit": git_commit(Path.cwd()), "machine": machine_info(), "resume": resume}
+        with (out_dir / "provenance.jsonl").open("a") as f:  # one line per start of the run
+            f.write(json.dumps(provenance) + "\n")
     trainer = Trainer(
         method,
         make_model,

@@ -23,12 +23,12 @@ import yaml
 from semivss.errors import SemivssError
 from semivss.metrics.report import training_speed
 
-__all__ = ["load_records", "machine_info", "make_record", "results_markdown", "write_record"]
+__all__ = ["git_commit", "load_records", "machine_info", "make_record", "results_markdown", "write_record"]
 
 RECORD_VERSION = 1
 
 
-def _git_commit(cwd: Path) -> str | None:
+def git_commit(cwd: Path) -> str | None:
     """``<sha>`` of HEAD (``<sha>-dirty`` with uncommitted changes), None outside a repository."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
@@ -64,6 +64,14 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def _trained_at(run: Path) -> list[dict[str, Any]] | None:
+    """The commits and machines the run was started / resumed on (``provenance.jsonl``)."""
+    path = run / "provenance.jsonl"
+    if not path.is_file():
+        return None
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def make_record(run: str | Path, eval_dir: str | Path | None = None, name: str | None = None,
                 protocol: str | None = None, notes: str | None = None) -> dict[str, Any]:
     """The record of one evaluated training run: ``run`` holds ``config.yaml`` and
@@ -95,7 +103,8 @@ def make_record(run: str | Path, eval_dir: str | Path | None = None, name: str |
         "method": (cfg.get("method") or {}).get("name"),
         "config": cfg,
         "config_hash": hashlib.sha256(canonical.encode()).hexdigest()[:16],
-        "commit": _git_commit(Path.cwd()),
+        "commit": git_commit(Path.cwd()),
+        "trained_at": _trained_at(run),
         "machine": machine_info(),
         "dataset": {"format": (cfg.get("data") or {}).get("format"),
                     "root": str((cfg.get("data") or {}).get("root")),
