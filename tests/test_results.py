@@ -72,3 +72,27 @@ def test_cli_results_add_and_table(tmp_path: Path) -> None:
     assert res.exit_code == 0 and "| control | 60.00 |" in res.output and "Pole" not in res.output
     res = runner.invoke(app, ["results", "add", str(run), "--out", str(out)])
     assert isinstance(res.exception, SemivssError) and "exists" in str(res.exception)  # main(): exit 2
+
+
+def test_update_tables_rewrites_marked_blocks(tmp_path: Path, monkeypatch) -> None:
+    from semivss.results import update_tables
+
+    write_record(make_record(fake_run(tmp_path, "control", 0.6, [0.5])), tmp_path / "res" / "a.json")
+    monkeypatch.chdir(tmp_path)
+    text = "intro\n<!-- results: res --no-per-class -->\nold table\n<!-- /results -->\nend\n"
+    new = update_tables(text)
+    assert new.startswith("intro\n<!-- results: res --no-per-class -->\n| row | mIoU |")
+    assert "old table" not in new and new.endswith("<!-- /results -->\nend\n")
+    assert update_tables(new) == new
+
+
+def test_published_tables_are_generated_from_the_records(monkeypatch) -> None:
+    """Every <!-- results: ... --> table of README.md and docs/results.md equals what
+    `semivss results update` would write from results/ (run it after adding a record)."""
+    from semivss.results import update_tables
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    for name in ("README.md", "docs/results.md"):
+        text = (root / name).read_text()
+        assert update_tables(text) == text, f"{name}: run `semivss results update {name}`"

@@ -485,6 +485,29 @@ def results_table(
     typer.echo(results_markdown(load_records(list(records)), baseline=baseline, per_class=per_class))
 
 
+@results_app.command("update")
+def results_update(
+    files: list[Path] = typer.Argument(..., help="Markdown files with <!-- results: ARGS --> blocks."),
+    check: bool = typer.Option(False, "--check", help="Only report files whose tables are out of date (exit 2)."),
+) -> None:
+    """Regenerate the results tables of markdown files (README.md, docs/results.md) from the records."""
+    from semivss.engine.checkpoint import atomic_write
+    from semivss.results import update_tables
+
+    stale = []
+    for path in files:
+        old = path.read_text()
+        new = update_tables(old)
+        if new != old:
+            stale.append(str(path))
+            if not check:
+                atomic_write(path, lambda f, new=new: f.write(new.encode()))
+    if check and stale:
+        raise SemivssError(f"results tables out of date in {', '.join(stale)}; run `semivss results update`")
+    console.print(f"{'out of date' if stale else 'up to date'}: {', '.join(stale) or ', '.join(map(str, files))}"
+                  + (" (rewritten)" if stale and not check else ""))
+
+
 @data_app.command("synth")
 def data_synth(
     out: Path = typer.Argument(..., help="Output folder (folder format)."),

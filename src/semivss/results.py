@@ -13,6 +13,8 @@ import hashlib
 import json
 import math
 import platform
+import re
+import shlex
 import subprocess
 import time
 from pathlib import Path
@@ -23,7 +25,7 @@ import yaml
 from semivss.errors import SemivssError
 from semivss.metrics.report import training_speed
 
-__all__ = ["git_commit", "load_records", "machine_info", "make_record", "results_markdown", "write_record"]
+__all__ = ["git_commit", "load_records", "machine_info", "update_tables", "make_record", "results_markdown", "write_record"]
 
 RECORD_VERSION = 1
 
@@ -197,3 +199,29 @@ def results_markdown(records: list[dict[str, Any]], baseline: str | None = None,
                  for c in classes]
         text += "\n\nIoU per class (%):\n\n" + "\n".join(rows)
     return text
+
+
+_BLOCK = re.compile(r"(<!-- results: (?P<args>[^>]*?) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+
+
+def _table_from_args(args: str) -> str:
+    """The table a marker asks for: ``DIR [DIR ...] [--baseline ROW] [--no-per-class]``."""
+    words = shlex.split(args)
+    baseline, per_class, paths = None, True, []
+    i = 0
+    while i < len(words):
+        if words[i] == "--baseline" and i + 1 < len(words):
+            baseline, i = words[i + 1], i + 2
+        elif words[i] == "--no-per-class":
+            per_class, i = False, i + 1
+        else:
+            paths.append(words[i])
+            i += 1
+    return results_markdown(load_records(paths), baseline=baseline, per_class=per_class)
+
+
+def update_tables(text: str) -> str:
+    """``text`` with every ``<!-- results: ARGS -->`` ... ``<!-- /results -->`` block replaced by
+    the table of ``semivss results table ARGS`` (paths relative to the working directory)."""
+    return _BLOCK.sub(lambda m: m.group(1) + _table_from_args(m.group("args")) + "\n" + m.group(4), text)
+

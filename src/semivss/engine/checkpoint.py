@@ -29,6 +29,16 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _mode_for(path: Path) -> int:
+    """Permissions of ``path`` when it exists, else 0666 minus the process umask."""
+    try:
+        return path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
 def atomic_write(path: str | Path, write: Any) -> None:
     """Call ``write(file_object)`` on a temp file beside ``path``, fsync, then ``os.replace``.
 
@@ -38,6 +48,7 @@ def atomic_write(path: str | Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _mode_for(path))  # mkstemp's 0600 -> the file's own or the umask's mode
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
