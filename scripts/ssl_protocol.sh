@@ -8,7 +8,7 @@
 #        unimatch | ifr (default: control and every method with a config at that ratio).
 # Environment: RUNS (default runs/ssl), CAMVID (CamVid root), ITERS (default 1000), SEED (adds
 # --set train.seed=SEED and a -sSEED suffix to the row), RESULTS (default results/camvid-ssvs-1-RATIO),
-# OVERRIDES (more --set options for the rows, e.g. for a smoke test).
+# OVERRIDES (more --set options for the rows, e.g. for a smoke test), BASE_ONLY=1 (stop after the base).
 # Finished steps are skipped and an interrupted training resumes from its last.pt.
 # The base weights are copied to RESULTS/supervised-base.safetensors (committed with the records).
 set -euo pipefail
@@ -55,6 +55,8 @@ else
   [ -f "$BASE_MODEL" ] || cp "$BASE/model.safetensors" "$BASE_MODEL"
   cmp -s "$BASE/model.safetensors" "$BASE_MODEL" || { echo "$BASE_MODEL differs from $BASE" >&2; exit 2; }
 fi
+
+[ -n "${BASE_ONLY:-}" ] && exit 0
 
 # 2. control and warm-started methods
 for row in "${ROWS[@]}"; do
