@@ -495,3 +495,29 @@ def test_init_from_loads_a_trained_model_and_keeps_new_heads(tmp_path: Path) -> 
                                 feature_dim=128, init_from=str(st)), 5)
     with pytest.raises(ConfigError, match=r"model\.init_from.*missing\.pt"):
         build_model(base.model_copy(update={"init_from": str(tmp_path / "missing.pt")}), 5)
+
+
+def test_representation_head_at_stride_8() -> None:
+    """model.rep_stride: 8 pools the head's inputs 2x2: same channels, half the resolution of
+    the stride-4 head, and a U2PL step runs on it."""
+    from semivss.methods import build_method
+
+    x = torch.randn(2, 3, 64, 96)
+    m4 = build_model(ModelConfig(pretrained=None, rep_head=True), 5).eval()
+    m8 = build_model(ModelConfig(pretrained=None, rep_head=True, rep_stride=8), 5).eval()
+    with torch.no_grad():
+        r4, r8 = m4(x)["rep"], m8(x)["rep"]
+    assert r4.shape == (2, 256, 16, 24) and r8.shape == (2, 256, 8, 12)
+    assert m8(x)["logits"].shape == m4(x)["logits"].shape  # the segmentation path is unchanged
+    with pytest.raises(ValueError, match="rep_stride"):
+        ModelConfig(pretrained=None, rep_stride=8)
+    u2pl = build_method("u2pl", {}, 5)
+    models = u2pl.build_models(lambda: build_model(ModelConfig(pretrained=None, rep_head=True, rep_stride=8), 5))
+    from semivss.data.batch import LabeledBatch, UnlabeledBatch
+
+    batch = {"labeled": LabeledBatch(x, torch.randint(0, 5, (2, 64, 96)), torch.ones(2, 64, 96, dtype=torch.bool)),
+             "unlabeled": UnlabeledBatch(torch.randn(2, 1, 3, 64, 96), torch.zeros(2, 1, dtype=torch.int64),
+                                         torch.ones(2, 1, 64, 96, dtype=torch.bool))}
+    losses = u2pl.training_step(models, batch, 5, 10)
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"])

@@ -22,6 +22,7 @@ RESERVED_HF_KEYS: tuple[str, ...] = (
 )
 _CNN_DEFAULTS: dict[str, Any] = {
     "backbone": "mobilenet_v2", "output_stride": 16, "feature_dim": None, "rep_head": False,
+    "rep_stride": 4,
 }
 
 
@@ -84,6 +85,9 @@ class ModelConfig(BaseModel):
     pretrained: str | None = "imagenet"
     feature_dim: int | None = Field(default=None, gt=0)
     rep_head: bool = False
+    # stride of the representation head's output: 4 (U2PL's official head) or 8 (its inputs
+    # 2x2-pooled first, a quarter of the head's FLOPs; docs/methods.md#4-u2pl)
+    rep_stride: Literal[4, 8] = 4
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
     variant: str | None = None
     hf_config: dict[str, Any] = Field(default_factory=dict)
@@ -127,6 +131,8 @@ def config_problem(cfg: ModelConfig) -> str | None:
             f"model.rep_head: true requires model.arch: {' or '.join(archs_with('rep_head'))}, "
             f"not {cfg.arch!r} (the U2PL representation head uses the ASPP output)"
         )
+    if cfg.rep_stride != 4 and not cfg.rep_head:
+        return "model.rep_stride applies to the representation head: set model.rep_head: true"
     hf_archs = transformer_archs()
     if cfg.arch not in hf_archs:
         if cfg.variant is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from semivss.ops import resize
@@ -117,8 +118,12 @@ class DeepLabV3PlusDecoder(nn.Module):
         feature_dim: int = 256,
         dropout: float = 0.1,
         rep_head: bool = False,
+        rep_stride: int = 4,
     ) -> None:
         super().__init__()
+        if rep_stride not in (4, 8):
+            raise ValueError(f"rep_stride must be 4 or 8, got {rep_stride}")
+        self.rep_stride = rep_stride
         self.aspp = ASPP(high_channels, aspp_rates(output_stride), 256, dropout)
         self.low_proj = _conv_bn_relu(low_channels, 48, 1)
         self.fuse = nn.Sequential(
@@ -135,7 +140,10 @@ class DeepLabV3PlusDecoder(nn.Module):
         aspp_up = resize(self.aspp(high), low.shape[-2:])
         out = {"feature": self.fuse(torch.cat([self.low_proj(low), aspp_up], dim=1))}
         if self.rep is not None:
-            out["rep"] = self.rep(low, aspp_up)
+            if self.rep_stride == 8:  # the head on 2x2-pooled inputs: a quarter of its FLOPs
+                out["rep"] = self.rep(F.avg_pool2d(low, 2), F.avg_pool2d(aspp_up, 2))
+            else:
+                out["rep"] = self.rep(low, aspp_up)
         return out
 
 

@@ -112,7 +112,7 @@ def build_deeplabv3plus(cfg: ModelConfig, num_classes: int) -> SegModel:
     encoder = build_encoder(cfg.backbone, cfg.output_stride)
     decoder = DeepLabV3PlusDecoder(
         encoder.low_channels, encoder.high_channels, cfg.output_stride, default_feature_dim(cfg),
-        cfg.dropout, cfg.rep_head,
+        cfg.dropout, cfg.rep_head, cfg.rep_stride,
     )
     return _cnn_model(cfg, encoder, decoder, num_classes)
 
