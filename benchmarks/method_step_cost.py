@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
 import sys
 import time
@@ -117,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     from semivss.config import load_config
     from semivss.engine.memory import tune_malloc
     from semivss.engine.precision import Precision, images_channels_last
+    from semivss.results import machine_info
     from semivss.methods import build_method
     from semivss.models import build_model
 
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             if i >= args.warmup:
                 r["times"].append(t)
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{_cpu()}; {precision.name} + channels_last; {args.iters} timed "
+          f"{machine_info()['cpu']}; {precision.name} + channels_last; {args.iters} timed "
           f"steps each after {args.warmup} warm-up; data loading excluded")
     ref = statistics.median(next(iter(runs.values()))["times"])
     print("| config | method | images in batch | median s/step | x first |")
@@ -187,17 +187,6 @@ def main(argv: list[str] | None = None) -> int:
             step(r, args.warmup + args.iters)
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
     return 0
-
-
-def _cpu() -> str:
-    """The CPU model name (``/proc/cpuinfo``), else what ``platform`` says."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@
 # Environment: RUNS (default runs/ssl), CAMVID (CamVid root), ITERS (default 1000), SEED (adds
 # --set train.seed=SEED and a -sSEED suffix to the row), RESULTS (default results/camvid-ssvs-1-RATIO),
 # OVERRIDES (more --set options for the rows, e.g. for a smoke test), BASE_ONLY=1 (stop after the base).
-# Finished steps are skipped and an interrupted training resumes from its last.pt.
-# The base weights are copied to RESULTS/supervised-base.safetensors (committed with the records).
+# Finished steps are skipped and an interrupted training resumes from its last.pt. BASE_MODEL
+# (a weights file kept outside the repository) skips training the base.
 set -euo pipefail
 export HF_HUB_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1 MPLBACKEND=Agg
 K=${1:?usage: scripts/ssl_protocol.sh 8|16 [ROW ...]}
@@ -43,17 +43,14 @@ evaluate_and_record() {  # out_dir row_name
     --out "$RESULTS/$row.json"
 }
 
-# 1. the common start: supervised, standard budget. Its weights are kept beside the records
-#    ($RESULTS/supervised-base.safetensors) so that later rows start from the same model even
-#    where the run folder is gone.
-BASE_MODEL=$RESULTS/supervised-base.safetensors
-if [ -f "$BASE_MODEL" ] && [ ! -f "$BASE/model.safetensors" ]; then
-  echo "[ssl] base weights from $BASE_MODEL"
+# 1. the common start: supervised, standard budget (or BASE_MODEL, a saved copy of its weights;
+#    every record stores the sha256 of the weights its row started from)
+if [ -n "${BASE_MODEL:-}" ]; then
+  [ -f "$BASE_MODEL" ] || { echo "BASE_MODEL $BASE_MODEL does not exist" >&2; exit 2; }
 else
   train "$CFG/supervised_1-$K.yaml" "$BASE" --set name="$P-supervised-base"
   evaluate_and_record "$BASE" "supervised-base"
-  [ -f "$BASE_MODEL" ] || cp "$BASE/model.safetensors" "$BASE_MODEL"
-  cmp -s "$BASE/model.safetensors" "$BASE_MODEL" || { echo "$BASE_MODEL differs from $BASE" >&2; exit 2; }
+  BASE_MODEL=$BASE/model.safetensors
 fi
 
 [ -n "${BASE_ONLY:-}" ] && exit 0

@@ -129,3 +129,18 @@ def test_methods_accept_the_options(name: str) -> None:
     if hasattr(method, "thresholds"):
         assert method.thresholds.mode == params["threshold"]
         assert "thresholds" in method.state_dict()
+
+
+def test_cps_pseudo_labels_drop_pixels_below_the_threshold_and_carry_weights() -> None:
+    cps = build_method("cps", {"conf_thresh": 0.7, "conf_weight_gamma": 2.0}, num_classes=2)
+    # pixel confidences: softmax([2, 0]) = 0.881 (kept), softmax([0, 0.5]) = 0.622 (dropped),
+    # third pixel invalid (ignored whatever its confidence)
+    logits = torch.tensor([[[[2.0, 0.0, 5.0]], [[0.0, 0.5, 0.0]]]])
+    valid = torch.tensor([[[True, True, False]]])
+    label, weight = cps._pseudo(logits, valid)
+    assert label.tolist() == [[[0, 255, 255]]]
+    p = 1 / (1 + math.exp(-2.0))
+    assert weight is not None and weight[0, 0, 0].item() == pytest.approx(p ** 2, rel=1e-6)
+    plain = build_method("cps", {}, num_classes=2)  # the official CPS: every valid pixel, no weight
+    label, weight = plain._pseudo(logits, valid)
+    assert label.tolist() == [[[0, 1, 255]]] and weight is None

@@ -96,3 +96,22 @@ def test_published_tables_are_generated_from_the_records(monkeypatch) -> None:
     for name in ("README.md", "docs/results.md"):
         text = (root / name).read_text()
         assert update_tables(text) == text, f"{name}: run `semivss results update {name}`"
+
+
+def test_table_refuses_rows_from_different_starting_weights(tmp_path: Path) -> None:
+    base = tmp_path / "base.safetensors"
+    base.write_bytes(b"weights of the base")
+    recs = []
+    for name in ("control", "u2pl"):
+        run = fake_run(tmp_path, name, 0.6, [0.5])
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        cfg["model"] = {"init_from": str(base)}
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        recs.append(make_record(run))
+    import hashlib
+
+    assert recs[0]["init_from_sha256"] == hashlib.sha256(b"weights of the base").hexdigest()
+    results_markdown(recs, baseline="control")  # same start: fine
+    recs[1]["init_from_sha256"] = "0" * 64
+    with pytest.raises(SemivssError, match="different weights"):
+        results_markdown(recs, baseline="control")

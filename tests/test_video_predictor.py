@@ -88,6 +88,12 @@ def test_run_videos_resets_per_video_and_never_mixes_videos() -> None:
     # labels restart at each video: t % 3 counted from the reset
     labels = torch.cat([lab[:, 0, 0] for _, lab, _ in out]).tolist()
     assert labels == [0, 1, 2, 0, 1, 0, 1, 0, 1, 2]
+    # a stateless predictor is never reset and may get two videos in one batch
+    fixed = Fixed([0.5] * len(items))
+    sizes = [len(b) for b, _, _ in run_videos(fixed, items, video=lambda it: it[0],
+                                              image=lambda it: torch.zeros(3, 1, 1),
+                                              out_size=lambda it: (1, 1), batch_size=4, device="cpu")]
+    assert sizes == [4, 4, 2]
     with pytest.raises(ConfigError, match="batch_size"):
         list(run_videos(rec, items, video=lambda it: it[0], image=lambda it: torch.zeros(3, 1, 1),
                         out_size=lambda it: (1, 1), batch_size=0, device="cpu"))

@@ -66,6 +66,17 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def _sha256(path: Path) -> str | None:
+    """Hash of a weights file (None when it is not there), to tell which model a row started from."""
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _trained_at(run: Path) -> list[dict[str, Any]] | None:
     """The commits and machines the run was started / resumed on (``provenance.jsonl``)."""
     path = run / "provenance.jsonl"
@@ -97,6 +108,7 @@ def make_record(run: str | Path, eval_dir: str | Path | None = None, name: str |
     scalars = {k: metrics.get(k) for k in ("mIoU", "fwIoU", "pixel_acc", "mAcc")}
     scalars.update({k: v for k, v in metrics.items() if k.startswith("VC") and k[2:].isdigit()})
     canonical = json.dumps(cfg, sort_keys=True, default=str)
+    init_from = (cfg.get("model") or {}).get("init_from")
     return {
         "version": RECORD_VERSION,
         "name": name or run.name,
@@ -119,6 +131,8 @@ def make_record(run: str | Path, eval_dir: str | Path | None = None, name: str |
         "iou": dict(metrics.get("iou") or {}),
         "n_frames": metrics.get("n_frames"),
         "s_per_it": s_per_it,
+        "weights_sha256": _sha256(run / "model.safetensors"),
+        "init_from_sha256": _sha256(Path(init_from)) if init_from else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "notes": notes,
     }
@@ -173,6 +187,10 @@ def results_markdown(records: list[dict[str, Any]], baseline: str | None = None,
         ref = next((r for r in records if r["name"] == baseline), None)
         if ref is None:
             raise SemivssError(f"--baseline {baseline!r} is not one of {names}")
+        starts = {r["name"]: r.get("init_from_sha256") for r in records if r.get("init_from_sha256")}
+        if len(set(starts.values())) > 1:
+            raise SemivssError(f"rows start from different weights (init_from_sha256): {starts}; "
+                               "compare rows of one base model only")
     vcs = sorted({k for r in records for k in r["metrics"] if k.startswith("VC")}, key=lambda k: int(k[2:]))
     head = ["row", "mIoU"] + ([f"vs {ref['name']}"] if ref else []) + ["fwIoU", *vcs, "iterations",
                                                                       "s/it"]

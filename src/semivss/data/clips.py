@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -273,7 +272,7 @@ class OverlapCrops(Dataset[OverlapBatch]):
         base = self.base or (int(image.shape[0]), int(image.shape[1]))
         scale = float(rng.uniform(*self.scale_range))
         h, w = max(1, round(base[0] * scale)), max(1, round(base[1] * scale))
-        image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+        image = EvalResize((h, w))(image)
         ch, cw = self.crop
         ph, pw = max(h, ch), max(w, cw)
         padded = np.zeros((ph, pw, 3), np.uint8)

@@ -42,6 +42,22 @@ class DataRequest(Protocol):
     def build(self, source: TrainSource) -> tuple[Dataset, int]: ...
 
 
+def _unlabeled_batch_size(source: TrainSource, what: str) -> int:
+    """``data.unlabeled_batch_size``, which must be positive for a method that reads ``what``."""
+    if source.cfg.unlabeled_batch_size < 1:
+        raise ConfigError(f"data.unlabeled_batch_size: method '{source.method}' needs a positive "
+                          f"batch size for its {what}")
+    return source.cfg.unlabeled_batch_size
+
+
+def _unlabeled_frames(source: TrainSource) -> list:
+    """The split's unlabeled frames; a DataError when the method needs some and there are none."""
+    if not source.split.unlabeled:
+        raise DataError(f"{source.cfg.root} ({source.cfg.train_split}): the split has no unlabeled "
+                        f"frames, but method '{source.method}' needs them")
+    return source.split.unlabeled
+
+
 def _offsets(name: str, offsets: tuple[int, int]) -> None:
     lo, hi = offsets
     if lo > hi:
@@ -93,18 +109,10 @@ class UnlabeledRequest:
     def build(self, source: TrainSource) -> tuple[Dataset, int]:
         from semivss.data.clips import UnlabeledClips
 
-        if not source.split.unlabeled:
-            raise DataError(
-                f"{source.cfg.root} ({source.cfg.train_split}): the split has no unlabeled frames, "
-                f"but method '{source.method}' needs them"
-            )
-        if source.cfg.unlabeled_batch_size < 1:
-            raise ConfigError(f"data.unlabeled_batch_size: method '{source.method}' needs a positive "
-                              "batch size for its unlabeled frames")
-        ds = UnlabeledClips(source.videoset, source.split.unlabeled, source.augment,
+        ds = UnlabeledClips(source.videoset, _unlabeled_frames(source), source.augment,
                             num_frames=self.frames, offsets=tuple(self.offsets),
                             strong_copies=self.strong_copies)
-        return ds, source.cfg.unlabeled_batch_size
+        return ds, _unlabeled_batch_size(source, "unlabeled frames")
 
 
 @dataclass(frozen=True)
@@ -124,13 +132,8 @@ class PseudoRequest:
                 f"data.pseudo_labels: method '{source.method}' trains on a pseudo-label set; set it "
                 "to a folder written by `semivss pseudo-label`"
             )
-        if d.unlabeled_batch_size < 1:
-            raise ConfigError(
-                f"data.unlabeled_batch_size: method '{source.method}' needs a positive batch size "
-                "for its pseudo-labeled frames"
-            )
-        ds = PseudoLabeledFrames(source.videoset, d.pseudo_labels, source.augment, strong=self.strong)
-        return ds, d.unlabeled_batch_size
+        size = _unlabeled_batch_size(source, "pseudo-labeled frames")
+        return PseudoLabeledFrames(source.videoset, d.pseudo_labels, source.augment, strong=self.strong), size
 
 
 @dataclass(frozen=True)
@@ -147,13 +150,7 @@ class OverlapRequest:
         from semivss.data.clips import OverlapCrops
 
         d = source.cfg
-        if not source.split.unlabeled:
-            raise DataError(f"{d.root} ({d.train_split}): the split has no unlabeled frames, "
-                            f"but method '{source.method}' needs them")
-        if d.unlabeled_batch_size < 1:
-            raise ConfigError(f"data.unlabeled_batch_size: method '{source.method}' needs a positive "
-                              "batch size for its unlabeled frames")
-        ds = OverlapCrops(source.videoset, source.split.unlabeled, tuple(d.crop_size), d.base_size,
+        ds = OverlapCrops(source.videoset, _unlabeled_frames(source), tuple(d.crop_size), d.base_size,
                           self.scale_range, self.iou_bound, self.stride)
-        return ds, d.unlabeled_batch_size
+        return ds, _unlabeled_batch_size(source, "unlabeled frames")
 

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from semivss.errors import DataError
 from semivss.inference.config import EvalConfig
 from semivss.inference.predict import Predictor, as_predictor
-from semivss.inference.video_predictor import VideoPredictor, run_videos
+from semivss.inference.video_predictor import VideoPredictor, frames_until_last, run_videos
 from semivss.inference.writers import check_new_output, save_label_png
 from semivss.metrics.confusion import ConfusionMatrix
 from semivss.metrics.offset import OffsetTable, offset_table
@@ -166,17 +166,6 @@ def _sum_over_ranks(value: int) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(t)
     return int(t.item())
-
-
-def temporal_context(videoset: Any, frames: Iterable[Hashable]) -> list[Any]:
-    """Frames a temporal predictor must also see to predict ``frames``: every other frame of each
-    of their videos, from the video's first frame up to its last frame in ``frames``."""
-    last: dict[str, int] = {}
-    for r in frames:
-        last[r.video] = max(last.get(r.video, r.index), r.index)  # type: ignore[attr-defined]
-    wanted = set(frames)
-    return [f.ref for name, hi in last.items() for f in videoset.video(name).frames
-            if f.index <= hi and f.ref not in wanted]
 
 
 def _in_order(items: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
@@ -348,7 +337,7 @@ def evaluate(
     ``VideoPredictor`` (ensemble, temporal model; ``cfg`` then only gives ``batch_size`` and
     ``vc``). Frames are read through ``semivss.data.clips.EvalFrames``; a temporal predictor also
     steps through the other frames of each video up to its last evaluated frame
-    (:func:`temporal_context`), which are neither scored nor saved.
+    (``frames_until_last``), which are neither scored nor saved.
     Returns an :class:`EvalResult` with mIoU, fwIoU, pixel accuracy, per-class IoU, VC_n and, when
     ``offsets`` (frame -> signed offset from the nearest labeled frame) is given, the per-offset
     table of ``subset`` / ``model_name``. ``save_dir``: prediction PNGs
@@ -359,7 +348,9 @@ def evaluate(
     from semivss.data.clips import EvalFrames
 
     predictor = as_predictor(model, cfg)
-    context = temporal_context(videoset, frames) if predictor.temporal else []
+    wanted = set(frames)
+    context = ([r for r in frames_until_last(videoset, wanted) if r not in wanted]
+               if predictor.temporal else [])
     ds = EvalFrames(videoset, list(frames), predictor.input_size, context=context)
     items: Iterable[Mapping[str, Any]]
     if num_workers > 0:

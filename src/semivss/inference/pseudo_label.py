@@ -32,7 +32,7 @@ from semivss.engine.checkpoint import atomic_write
 from semivss.errors import ConfigError, DataError, SemivssError
 from semivss.inference.evaluate import make_progress
 from semivss.inference.predict import ProbFn
-from semivss.inference.video_predictor import VideoPredictor, run_videos
+from semivss.inference.video_predictor import VideoPredictor, frames_until_last, run_videos
 from semivss.inference.writers import OutputExistsError
 
 __all__ = [
@@ -289,20 +289,6 @@ class _ProbFnPredictor:
             return probs.argmax(1), probs
 
 
-def _frames_to_run(predictor: VideoPredictor, videoset: Any,
-                   todo: list[FrameRef]) -> list[tuple[FrameRef, bool]]:
-    """``(frame, write)`` in the order the predictor sees them: the frames to write, and for a
-    temporal predictor also every earlier frame of their videos (stepped, not written)."""
-    if not predictor.temporal:
-        return [(r, True) for r in todo]
-    want = set(todo)
-    last: dict[str, int] = {}
-    for r in todo:
-        last[r.video] = max(last.get(r.video, r.index), r.index)
-    return [(f.ref, f.ref in want) for name, hi in last.items()
-            for f in videoset.video(name).frames if f.index <= hi]
-
-
 # ----------------------------------------------------------------------------- main loop
 
 
@@ -389,7 +375,10 @@ def pseudo_label(
     if limit is not None:
         todo = todo[:limit]
     device = torch.device(device)
-    run = _frames_to_run(predictor, videoset, todo)
+    # (frame, write): a temporal predictor also steps through the earlier frames of its videos
+    want = set(todo)
+    run = ([(r, r in want) for r in frames_until_last(videoset, todo)] if predictor.temporal
+           else [(r, True) for r in todo])
     ds = _FrameImages(videoset, [r for r, _ in run], size)
     loader: Any = (
         torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=num_workers)

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from semivss.errors import ConfigError
 
-__all__ = ["TemporalSmoothing", "VideoPredictor", "run_videos"]
+__all__ = ["TemporalSmoothing", "VideoPredictor", "frames_until_last", "run_videos"]
 
 T = TypeVar("T")
 
@@ -93,6 +93,15 @@ class TemporalSmoothing:
         return out.argmax(1), out if with_probs else None
 
 
+def frames_until_last(videoset: Any, frames: Iterable[Any]) -> list[Any]:
+    """What a temporal predictor must step through to predict ``frames``: every frame of each of
+    their videos, in order, from the video's first frame up to its last frame in ``frames``."""
+    last: dict[str, int] = {}
+    for r in frames:
+        last[r.video] = max(last.get(r.video, r.index), r.index)
+    return [f.ref for name, hi in last.items() for f in videoset.video(name).frames if f.index <= hi]
+
+
 def run_videos(
     predictor: VideoPredictor,
     items: Iterable[T],
@@ -104,9 +113,10 @@ def run_videos(
     device: torch.device | str,
     with_probs: bool = False,
 ) -> Iterator[tuple[list[T], Tensor, Tensor | None]]:
-    """Drive ``predictor`` over ``items`` ordered by video, then frame: reset it at each new
-    video, batch up to ``batch_size`` consecutive frames of one video with equal input and output
-    sizes, and yield ``(items, labels, probs or None)`` per batch (on the predictor's device)."""
+    """Drive ``predictor`` over ``items`` ordered by video, then frame: reset a temporal one at
+    each new video, batch up to ``batch_size`` consecutive frames with equal input and output sizes (of one
+    video for a temporal predictor; a stateless one may get frames of two videos in one batch), and
+    yield ``(items, labels, probs or None)`` per batch (on the predictor's device)."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
@@ -114,7 +124,7 @@ def run_videos(
     current: str | None = None
 
     def key(item: T) -> tuple[str, tuple[int, ...], tuple[int, int]]:
-        return video(item), tuple(image(item).shape), out_size(item)
+        return (video(item) if predictor.temporal else ""), tuple(image(item).shape), out_size(item)
 
     def flush() -> tuple[list[T], Tensor, Tensor | None]:
         images = torch.stack([image(b) for b in batch]).to(device)
@@ -125,9 +135,10 @@ def run_videos(
         if batch and (len(batch) == batch_size or key(batch[0]) != key(item)):
             yield flush()
             batch = []
-        if video(item) != current:
+        if video(item) != current:  # a new video (a batch of a temporal predictor was flushed)
             current = video(item)
-            predictor.reset()
+            if predictor.temporal:
+                predictor.reset()
         batch.append(item)
     if batch:
         yield flush()

@@ -50,6 +50,11 @@ def _anchor_loss(anchor: Tensor, positive: Tensor, negatives: Tensor, same: Tens
     return torch.logsumexp(torch.cat([pos, neg], dim=1), dim=1) - pos[:, 0]
 
 
+def anchor_mask(conf_anchor: Tensor, conf_other: Tensor, pos_thresh: float) -> Tensor:
+    """Where the anchor side is pulled: the other crop is above ``pos_thresh`` and more confident."""
+    return (conf_other > pos_thresh) & (conf_anchor < conf_other)
+
+
 def directional_contrastive_loss(
     f1: Tensor, f2: Tensor, conf1: Tensor, conf2: Tensor, label1: Tensor,
     neg_feat: Tensor, neg_label: Tensor, pos_thresh: float = 0.75, temperature: float = 0.1,
@@ -61,7 +66,7 @@ def directional_contrastive_loss(
     the rows of ``neg_feat`` (detached) whose ``neg_label`` differs from the anchor's pseudo-label
     ``label1``. Mean over the anchors (0 without any). Anchors are processed in chunks, each
     recomputed in the backward pass, to bound memory."""
-    keep = (conf2 > pos_thresh) & (conf1 < conf2)
+    keep = anchor_mask(conf1, conf2, pos_thresh)
     if not bool(keep.any()):
         return f1.sum() * 0.0
     a, p, lab = f1[keep], f2[keep].detach(), label1[keep]
@@ -172,7 +177,7 @@ class CAC(Method):
                                              cfg.temperature, cfg.chunk)
         loss_cac = loss1 + loss2
         with torch.no_grad():
-            anchors = (((c2m > cfg.pos_thresh) & (c1m < c2m)) | ((c1m > cfg.pos_thresh) & (c2m < c1m))).float()
+            anchors = (anchor_mask(c1m, c2m, cfg.pos_thresh) | anchor_mask(c2m, c1m, cfg.pos_thresh)).float()
         return {
             "loss": loss_sup + cfg.unsup_weight * loss_cac + zero,
             "loss_sup": loss_sup.detach(),

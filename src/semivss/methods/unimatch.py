@@ -30,11 +30,12 @@ from semivss.methods.parts import (
     confidence_weights,
     roll_permutation,
     step_generator,
+    weighted_ce,
 )
 from semivss.ops import resize
 from semivss.registry import METHODS
 
-__all__ = ["UniMatch", "confident_ce", "feature_dropout", "masked_ce"]
+__all__ = ["UniMatch", "confident_ce", "feature_dropout"]
 
 
 @contextmanager
@@ -69,24 +70,11 @@ def feature_dropout(model: nn.Module, p: float, start: int = 0) -> Iterator[None
         handle.remove()
 
 
-def masked_ce(logits: Tensor, target: Tensor, keep: Tensor, valid: Tensor,
-              weight: Tensor | None = None) -> Tensor:
-    """Per-pixel CE of ``logits`` (upsampled bilinearly to the target size) against ``target``
-    (B,H,W) on the ``keep & valid`` pixels, optionally weighted per pixel (Eq. (CR-4)), summed and
-    divided by the number of ``valid`` pixels (official: the non-padding pixels; at least 1)."""
-    logits = resize(logits, target.shape[-2:])
-    ce = F.cross_entropy(logits.float(), target, reduction="none")
-    valid = valid.to(target.device).bool()
-    kept = (keep.to(target.device).bool() & valid).to(ce.dtype)
-    if weight is not None:
-        kept = kept * weight
-    return (ce * kept).sum() / valid.sum().clamp(min=1).to(ce.dtype)
-
-
 def confident_ce(logits: Tensor, target: Tensor, conf: Tensor, threshold: float, valid: Tensor) -> Tensor:
-    """UniMatch unlabeled loss (official ``unimatch.py``, Eq. (UM-2)): :func:`masked_ce` on the
-    pixels with ``conf >= threshold``."""
-    return masked_ce(logits, target, conf >= threshold, valid)
+    """UniMatch unlabeled loss (official ``unimatch.py``, Eq. (UM-3)): CE on the valid pixels with
+    ``conf >= threshold``, summed and divided by the number of valid pixels (at least 1)."""
+    valid = valid.bool()
+    return weighted_ce(logits, target, None, (conf >= threshold) & valid, valid.sum())
 
 
 def _mask_ratio(keep: Tensor, valid: Tensor) -> Tensor:
@@ -192,9 +180,10 @@ class UniMatch(ThresholdCheckpoint, Method):
             w, w1, w2 = ((confidence_weights(c, gamma) if gamma else None) for c in (conf, conf1, conf2))
 
         loss_x = seg_ce_loss(pred_x, y_l, self.ignore_index)
-        loss_s1 = masked_ce(pred_s1, mask1, keep1, valid1, w1)  # type: ignore[arg-type]
-        loss_s2 = masked_ce(pred_s2, mask2, keep2, valid2, w2)  # type: ignore[arg-type]
-        loss_fp = masked_ce(pred_fp, mask, keep, valid, w)
+        # Eq. (UM-3): kept valid pixels, divided by each stream's valid pixels
+        loss_s1 = weighted_ce(pred_s1, mask1, w1, keep1 & valid1, valid1.sum())  # type: ignore[arg-type]
+        loss_s2 = weighted_ce(pred_s2, mask2, w2, keep2 & valid2, valid2.sum())  # type: ignore[arg-type]
+        loss_fp = weighted_ce(pred_fp, mask, w, keep & valid, valid.sum())
         loss_u = cfg.weight_s1 * loss_s1 + cfg.weight_s2 * loss_s2 + cfg.weight_fp * loss_fp
         loss = cfg.sup_weight * loss_x + cfg.unsup_weight * loss_u
         return {

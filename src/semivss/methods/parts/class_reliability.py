@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from semivss.methods.parts.reliability import entropy_rank_mask
+from semivss.ops import resize
 
 __all__ = ["ClasswiseThreshold", "ThresholdCheckpoint", "classwise_reliability_split", "confidence_weights", "weighted_ce"]
 
@@ -109,15 +110,17 @@ def confidence_weights(conf: Tensor, gamma: float) -> Tensor:
     return conf.detach().float().clamp(min=0.0) ** gamma
 
 
-def weighted_ce(logits: Tensor, target: Tensor, weight: Tensor, keep: Tensor, denominator: Tensor,
-                ignore_index: int = 255) -> Tensor:
+def weighted_ce(logits: Tensor, target: Tensor, weight: Tensor | None, keep: Tensor,
+                denominator: Tensor, ignore_index: int = 255) -> Tensor:
     """``sum_(kept pixels) w * CE / denominator``: the cross-entropy of ``logits`` (upsampled to
-    the target size) against ``target`` on the ``keep`` pixels, each weighted by ``weight``."""
-    from semivss.ops import resize
-
+    the target size) against ``target`` on the ``keep`` pixels, each weighted by ``weight``
+    (None: weight 1)."""
     ce = F.cross_entropy(resize(logits, target.shape[-2:]).float(), target, ignore_index=ignore_index,
                          reduction="none")
-    return (ce * weight * keep.float()).sum() / denominator.clamp(min=1).float()
+    kept = keep.to(ce.device).bool().to(ce.dtype)
+    if weight is not None:
+        kept = kept * weight
+    return (ce * kept).sum() / denominator.clamp(min=1).to(ce.dtype)
 
 
 class ThresholdCheckpoint:
