@@ -123,12 +123,45 @@ SMOOTH_HELP = ("Temporal smoothing of the class probabilities over each video's 
                "q_t = (1 - m) p_t + m q_(t-1); 0 = off.")
 
 
-def _video_predictor(predictor: Any, smooth: float) -> Any:
-    """The predictor stepped through each video: itself, or temporally smoothed (``--smooth``)."""
-    if not smooth:
-        return predictor
+KEYFRAME_HELP = ("Key-frame inference (docs/methods.md#14-accel): the reference network on every "
+                 "K-th frame, its scores warped by optical flow in between (and fused with the update "
+                 "branch of an Accel model). Default: an Accel model's own interval, per-frame otherwise.")
+MAX_FLOW_HELP = "Adaptive key frames: also a key frame when the mean flow exceeds this many pixels."
+MAX_INVALID_HELP = ("Adaptive key frames: also a key frame when this share of warped pixels comes from "
+                    "outside the previous frame (0..1).")
+FLOW_HELP = "Optical flow for key-frame inference: dis-ultrafast | dis-fast | dis-medium (default: the model's)."
+
+
+def _video_predictor(
+    predictor: Any,
+    num_classes: int,
+    smooth: float,
+    keyframe_interval: Optional[int] = None,
+    flow: Optional[str] = None,
+    max_flow: Optional[float] = None,
+    max_invalid: Optional[float] = None,
+) -> Any:
+    """The predictor stepped through each video: an Accel model (or, with ``--keyframe-interval``,
+    a per-frame model) as a key-frame predictor, then optionally smoothed (``--smooth``)."""
     from semivss.inference.video_predictor import TemporalSmoothing
 
+    keyframe_opts = [keyframe_interval, flow, max_flow, max_invalid]
+    model = predictor.members[0].model
+    if hasattr(model, "as_video_predictor") or any(v is not None for v in keyframe_opts):
+        if len(predictor.members) > 1:
+            raise SemivssError("key-frame inference takes one model, not an --ensemble")
+        from semivss.inference.keyframes import KeyframePredictor
+        from semivss.models.accel import AccelNet
+        from semivss.models.flow import build_flow
+
+        if not isinstance(model, AccelNet):  # a per-frame model: flow propagation of its scores
+            model = AccelNet(model, None, num_classes, keyframe_interval=keyframe_interval or 1)
+        predictor = KeyframePredictor(
+            model, predictor.members[0].cfg, build_flow(flow or model.flow),
+            keyframe_interval or model.keyframe_interval, max_flow=max_flow, max_invalid=max_invalid,
+        )
+    if not smooth:
+        return predictor
     return TemporalSmoothing(predictor, smooth)
 
 
@@ -199,6 +232,10 @@ def evaluate_cmd(
     scales: Optional[str] = typer.Option(None, help=SCALES_HELP),
     flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help=FLIP_HELP),
     smooth: float = typer.Option(0.0, "--smooth", help=SMOOTH_HELP),
+    keyframe_interval: Optional[int] = typer.Option(None, "--keyframe-interval", help=KEYFRAME_HELP),
+    keyframe_max_flow: Optional[float] = typer.Option(None, "--keyframe-max-flow", help=MAX_FLOW_HELP),
+    keyframe_max_invalid: Optional[float] = typer.Option(None, "--keyframe-max-invalid", help=MAX_INVALID_HELP),
+    flow: Optional[str] = typer.Option(None, "--flow", help=FLOW_HELP),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     overwrite: bool = typer.Option(False, help="Allow writing into a non-empty output folder."),
 ) -> None:
@@ -224,7 +261,8 @@ def evaluate_cmd(
         )
     # The evaluated split is scored once; its per-frame results also feed the offset analysis.
     eval_offsets = labeled_offsets(videoset, rule) if rule else None
-    video_predictor = _video_predictor(predictor, smooth)
+    video_predictor = _video_predictor(predictor, int(metas[0]["num_classes"]), smooth, keyframe_interval,
+                                       flow, keyframe_max_flow, keyframe_max_invalid)
     result = evaluate(
         video_predictor, videoset, videoset.annotated(), ecfg, dev, offsets=eval_offsets,
         save_dir=out / "preds" if save_preds else None,
@@ -258,6 +296,10 @@ def predict(
     scales: Optional[str] = typer.Option(None, help=SCALES_HELP),
     flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help=FLIP_HELP),
     smooth: float = typer.Option(0.0, "--smooth", help=SMOOTH_HELP),
+    keyframe_interval: Optional[int] = typer.Option(None, "--keyframe-interval", help=KEYFRAME_HELP),
+    keyframe_max_flow: Optional[float] = typer.Option(None, "--keyframe-max-flow", help=MAX_FLOW_HELP),
+    keyframe_max_invalid: Optional[float] = typer.Option(None, "--keyframe-max-invalid", help=MAX_INVALID_HELP),
+    flow: Optional[str] = typer.Option(None, "--flow", help=FLOW_HELP),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     overwrite: bool = typer.Option(False, help="Allow replacing files in OUT."),
 ) -> None:
@@ -271,7 +313,9 @@ def predict(
                                        **({"size": _size(size)} if size is not None else {}))
     ecfg = predictor.members[0].cfg
     palette = np.asarray(metas[0]["palette"], dtype=np.uint8)
-    summary = predict_source(_video_predictor(predictor, smooth), source, out, palette, ecfg, dev,
+    video_predictor = _video_predictor(predictor, int(metas[0]["num_classes"]), smooth, keyframe_interval,
+                                       flow, keyframe_max_flow, keyframe_max_invalid)
+    summary = predict_source(video_predictor, source, out, palette, ecfg, dev,
                              fps=fps, overwrite=overwrite)
     console.print(summary)
 

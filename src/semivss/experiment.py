@@ -26,7 +26,7 @@ from semivss.inference.evaluate import EvalResult, evaluate
 from semivss.methods import DataSpec, build_method
 from semivss.models import build_model
 from semivss.models.config import ModelConfig
-from semivss.models.ensemble import ExportSpec, build_inference_model
+from semivss.models.ensemble import ARCH_BUILDERS, ExportSpec, build_inference_model
 
 
 def build_train_sets(cfg: ExperimentConfig, videoset: VideoSet, spec: DataSpec) -> tuple[dict, dict]:
@@ -125,8 +125,11 @@ def load_trained_model(path: str | Path, device: torch.device | str = "cpu") -> 
         spec = ExportSpec.from_meta(meta)
     except (TypeError, ValueError) as exc:
         raise DataError(f"{path}: invalid export record {meta.get('export')!r}: {exc}") from None
-    model_cfg = ModelConfig(**{**meta["model"], "pretrained": None, "init_from": None})
-    nets = [build_model(model_cfg, int(meta["num_classes"])) for _ in spec.members]
+    if spec.arch is not None:  # a video model (Accel): its own architecture record
+        nets = [ARCH_BUILDERS[spec.arch["kind"]](spec.arch, int(meta["num_classes"])) for _ in spec.members]
+    else:
+        model_cfg = ModelConfig(**{**meta["model"], "pretrained": None, "init_from": None})
+        nets = [build_model(model_cfg, int(meta["num_classes"])) for _ in spec.members]
     if path.suffix == ".safetensors":
         model = build_inference_model(nets, spec.combine)
         model.load_state_dict(combined)

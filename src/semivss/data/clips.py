@@ -106,6 +106,8 @@ class LabeledClips(Dataset[LabeledBatch]):
     stay valid); with `context_frames=K > 0` also `context
     (K,3,H,W)` and `context_offset (K,) int64`, and `context_strong (K,3,H,W)` (strong photometric
     copies of the context frames) when `context_strong`. Context labels are never read.
+    With `context_preceding` the context is the K frames right before the labeled one, in order
+    (offsets -K..-1; the video's first frame repeated where the video starts later).
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class LabeledClips(Dataset[LabeledBatch]):
         context_frames: int = 0,
         context_offsets: tuple[int, int] = (-29, 29),
         context_strong: bool = False,
+        context_preceding: bool = False,
         split_name: str = "labeled",
     ) -> None:
         if not labeled:
@@ -128,6 +131,7 @@ class LabeledClips(Dataset[LabeledBatch]):
         self.context_frames = context_frames
         self.context_offsets = _check_offsets("context_offsets", context_offsets)
         self.context_strong = context_strong
+        self.context_preceding = context_preceding
         self.strong = StrongPhotometric()
 
     def __len__(self) -> int:
@@ -139,7 +143,10 @@ class LabeledClips(Dataset[LabeledBatch]):
         ref = self.labeled[idx]
         video = self.videoset.video(ref.video)
         pos = video.position(ref.index)
-        ctx = pick_neighbours(rng, len(video), pos, self.context_frames, self.context_offsets)
+        if self.context_preceding:
+            ctx = [max(pos - d, 0) for d in range(self.context_frames, 0, -1)]
+        else:
+            ctx = pick_neighbours(rng, len(video), pos, self.context_frames, self.context_offsets)
         frames = [video.frames[pos]] + [video.frames[q] for q in ctx]
         images = _read_clip(self.videoset, frames)
         label = self.videoset.read_label(frames[0])

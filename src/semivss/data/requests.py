@@ -67,12 +67,15 @@ def _offsets(name: str, offsets: tuple[int, int]) -> None:
 @dataclass(frozen=True)
 class LabeledRequest:
     """Labeled frames (``LabeledBatch``), each with ``context_frames`` other frames of its video
-    at offsets in ``context_offsets`` (inclusive) and their strong copies if ``context_strong``."""
+    at offsets in ``context_offsets`` (inclusive) and their strong copies if ``context_strong``;
+    ``context_preceding``: instead the ``context_frames`` frames right before it, in order (a clip
+    ending at the labeled frame, e.g. for Accel's key frame + flows)."""
 
     key: ClassVar[str] = "labeled"
     context_frames: int = 0
     context_offsets: tuple[int, int] = (-29, 29)
     context_strong: bool = False
+    context_preceding: bool = False
 
     def __post_init__(self) -> None:
         if self.context_frames < 0:
@@ -85,7 +88,8 @@ class LabeledRequest:
         ds = LabeledClips(source.videoset, source.split.labeled, source.augment,
                           context_frames=self.context_frames,
                           context_offsets=tuple(self.context_offsets),
-                          context_strong=self.context_strong)
+                          context_strong=self.context_strong,
+                          context_preceding=self.context_preceding)
         return ds, source.cfg.batch_size
 
 

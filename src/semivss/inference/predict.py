@@ -318,6 +318,9 @@ def as_predictor(model: nn.Module | VideoPredictor, cfg: EvalConfig) -> VideoPre
 
     if isinstance(model, VideoPredictor):
         return model
+    video_model = getattr(model, "as_video_predictor", None)  # e.g. Accel: key frames + flow
+    if callable(video_model):
+        return video_model(cfg)
     return Predictor.single(model, cfg)
 
 

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from semivss.methods.base import DataSpec, Method, seg_ce_loss, unwrap
+from semivss.methods.accel import AccelFusion
 from semivss.methods.cac import CAC
 from semivss.methods.cps import CPS
 from semivss.methods.ifr import IFR
@@ -36,4 +37,4 @@ def build_method(
     return cls(cfg, num_classes=num_classes, ignore_index=ignore_index)
 
 
-__all__ = ["CAC", "CPS", "IFR", "METHODS", "DataSpec", "Method", "SelfTraining", "Supervised", "U2PL", "UniMatch", "build_method", "seg_ce_loss", "unwrap"]
+__all__ = ["CAC", "CPS", "AccelFusion", "IFR", "METHODS", "DataSpec", "Method", "SelfTraining", "Supervised", "U2PL", "UniMatch", "build_method", "seg_ce_loss", "unwrap"]

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["COMBINERS", "ExportSpec", "ProbAverage", "build_inference_model"]
+__all__ = ["ARCH_BUILDERS", "COMBINERS", "ExportSpec", "ProbAverage", "build_inference_model"]
 
 
 class ProbAverage(nn.Module):
@@ -40,14 +40,27 @@ COMBINERS: dict[str, Callable[[list[nn.Module]], nn.Module]] = {
 }
 
 
+def _build_accel(record: Mapping[str, Any], num_classes: int) -> nn.Module:
+    from semivss.models.accel import build_accel
+
+    return build_accel(record, num_classes)
+
+
+#: Builders of the networks an ``ExportSpec.arch`` record describes, by its ``kind``.
+ARCH_BUILDERS: dict[str, Callable[[Mapping[str, Any], int], nn.Module]] = {"accel": _build_accel}
+
+
 @dataclass(frozen=True)
 class ExportSpec:
     """How a method's inference model is made from its trained networks, so that it can be
     rebuilt from a checkpoint alone: ``members`` name entries of the method's model ``ModuleDict``
-    (one network of the same architecture each), ``combine`` a key of :data:`COMBINERS`."""
+    (one network of the same architecture each), ``combine`` a key of :data:`COMBINERS`.
+    ``arch``: the members' architecture record when it is not the experiment's ``model`` config
+    (a video model such as Accel, whose ``kind`` names a builder of :data:`ARCH_BUILDERS`)."""
 
     members: tuple[str, ...] = ("model",)
     combine: str = "single"
+    arch: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         members = (self.members,) if isinstance(self.members, str) else tuple(self.members)
@@ -61,7 +74,10 @@ class ExportSpec:
 
     def to_meta(self) -> dict[str, Any]:
         """The ``meta["export"]`` record stored in checkpoints and ``model.safetensors``."""
-        return {"members": list(self.members), "combine": self.combine}
+        record: dict[str, Any] = {"members": list(self.members), "combine": self.combine}
+        if self.arch is not None:
+            record["arch"] = dict(self.arch)
+        return record
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> ExportSpec:
@@ -69,7 +85,10 @@ class ExportSpec:
         ``meta["inference_model"]`` (a name, or a list of names averaged) or nothing (``model``)."""
         record = meta.get("export")
         if isinstance(record, Mapping):
-            return cls(tuple(record.get("members") or ()), str(record.get("combine", "single")))
+            arch = record.get("arch")
+            if arch is not None and (not isinstance(arch, Mapping) or arch.get("kind") not in ARCH_BUILDERS):
+                raise ValueError(f"unknown architecture record {arch!r}; known kinds: {sorted(ARCH_BUILDERS)}")
+            return cls(tuple(record.get("members") or ()), str(record.get("combine", "single")), arch)
         names = meta.get("inference_model", "model")  # legacy
         names = (names,) if isinstance(names, str) else tuple(names)
         return cls(names, "single" if len(names) == 1 else "prob_average")

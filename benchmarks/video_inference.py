@@ -1,0 +1,152 @@
+"""Key-frame video inference (Accel, docs/methods.md#14-accel) against per-frame inference, in one run.
+
+For each row the annotated frames of a split are predicted video by video, in order, and scored
+(mIoU, fwIoU, VC8, VC16); frames/s counts only the predictor's own work (frames are read and
+resized beforehand by the evaluation loop, outside the timer). Rows: the per-frame reference
+network, the per-frame update branch (the reference's input scaled by ``update_scale``), and
+Accel with key frames every K frames for each ``--intervals`` K, with its time split into
+reference, flow, warp, update and fusion. A warm-up pass runs first.
+
+    python benchmarks/video_inference.py runs/camvid-ssvs-1-8-accel/model.safetensors \\
+        --data ../shared/data/camvid --format camvid --split val --out results/benchmarks/video_inference-camvid.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("accel", type=Path, help="a trained Accel model (semivss train ... method: accel)")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--format", default="camvid")
+    p.add_argument("--split", default="val")
+    p.add_argument("--intervals", default="1,2,5,10", help="key-frame intervals K, comma-separated")
+    p.add_argument("--flow", default=None, help="dis-ultrafast | dis-fast | dis-medium (default: the model's)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast on CPU / fp16 on CUDA (default: on for CPUs with native bf16)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, default=None, help="write the figures as a JSON record")
+    return p.parse_args(argv)
+
+
+class Timed:
+    """A VideoPredictor proxy that adds up the seconds spent in ``step``."""
+
+    def __init__(self, base: Any) -> None:
+        self.base, self.seconds, self.frames = base, 0.0, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.base, name)
+
+    def step(self, images: Any, out_size: Any, with_probs: bool = False) -> Any:
+        import torch
+
+        if images.device.type == "cuda":
+            torch.cuda.synchronize(images.device)
+        t0 = time.perf_counter()
+        out = self.base.step(images, out_size, with_probs)
+        if images.device.type == "cuda":
+            torch.cuda.synchronize(images.device)
+        self.seconds += time.perf_counter() - t0
+        self.frames += images.shape[0]
+        return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    import torch
+    from torch import nn
+
+    from semivss.data.formats import load_dataset
+    from semivss.engine.precision import Precision
+    from semivss.experiment import eval_config_from, load_trained_model
+    from semivss.inference.evaluate import evaluate
+    from semivss.inference.keyframes import KeyframePredictor
+    from semivss.inference.predict import Predictor
+    from semivss.models.accel import AccelNet
+    from semivss.models.flow import build_flow
+    from semivss.results import git_commit, machine_info
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    net, meta = load_trained_model(args.accel, dev)
+    if not isinstance(net, AccelNet) or net.update is None:
+        print(f"{args.accel}: not an Accel model with an update branch", file=sys.stderr)
+        return 2
+    amp = args.amp if args.amp is not None else Precision.from_config("auto", dev).name == "bf16"
+    cfg = eval_config_from(meta, amp=amp, batch_size=8)
+    videoset = load_dataset(args.format, args.data, args.split)
+    frames = videoset.annotated()
+    flow_name = args.flow or net.flow
+    intervals = [int(k) for k in args.intervals.split(",") if k.strip()]
+
+    class UpdateOnly(nn.Module):
+        """The update branch as a per-frame network (its logits at its own resolution)."""
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"logits": net.update_scores(x, x.shape[-2:])}
+
+    rows: list[tuple[str, Any]] = [
+        ("per-frame reference", lambda: Predictor.single(net.reference, cfg)),
+        (f"per-frame update (x{net.update_scale:g} input)", lambda: Predictor.single(UpdateOnly(), cfg)),
+    ]
+    for k in intervals:
+        rows.append((f"Accel K={k}", lambda k=k: KeyframePredictor(net, cfg, build_flow(flow_name), k)))
+
+    def run(make: Any, subset: list[Any]) -> tuple[Any, Timed]:
+        timed = Timed(make())
+        with torch.inference_mode(), (timed.eval_mode() if hasattr(timed.base, "eval_mode") else contextlib.nullcontext()):
+            res = evaluate(timed, videoset, subset, cfg, dev, progress=False)
+        return res, timed
+
+    run(rows[2][1], frames[: min(len(frames), 12)])  # warm-up (allocator, threads, DIS)
+    results = []
+    for name, make in rows:
+        res, timed = run(make, frames)
+        m = res.scalars()
+        row = {"row": name, "frames": timed.frames, "seconds": round(timed.seconds, 3),
+               "fps": round(timed.frames / timed.seconds, 2),
+               "mIoU": m["mIoU"], "fwIoU": m["fwIoU"], "VC8": m.get("VC8"), "VC16": m.get("VC16")}
+        base = timed.base
+        if isinstance(base, KeyframePredictor):
+            row["keyframes"] = base.keyframes
+            row["stage_seconds"] = {k: round(v, 3) for k, v in base.timings.items()}
+        results.append(row)
+        stages = ", ".join(f"{k} {v:.2f}s" for k, v in row.get("stage_seconds", {}).items())
+        print(f"{name:34s} {row['fps']:7.2f} frames/s  mIoU {100 * row['mIoU']:5.2f}  "
+              f"VC8 {100 * (row['VC8'] or 0):5.2f}  VC16 {100 * (row['VC16'] or 0):5.2f}"
+              + (f"  [{row['keyframes']} key frames; {stages}]" if stages else ""), flush=True)
+    ref_fps = results[0]["fps"]
+    for row in results:
+        row["speedup_vs_reference"] = round(row["fps"] / ref_fps, 3)
+    info = machine_info()
+    print(f"machine: {info.get('cpu')}; device {dev}; {'bf16 autocast' if amp else 'fp32'}; input "
+          f"{cfg.size}; flow {flow_name}; {len(frames)} frames of {args.format} {args.split}")
+    if args.out is not None:
+        from semivss.engine.checkpoint import atomic_write
+
+        record = {
+            "benchmark": "video_inference", "model": str(args.accel), "data": str(args.data),
+            "format": args.format, "split": args.split, "frames": len(frames), "input_size": cfg.size,
+            "precision": "bf16" if amp else "fp32", "device": str(dev), "flow": flow_name,
+            "update_scale": net.update_scale, "commit": git_commit(Path.cwd()), "machine": info,
+            "rows": results,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(args.out, lambda f: f.write(json.dumps(record, indent=2).encode()))
+        print(f"record -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Key-frame video inference (docs/methods.md#14-accel): a :class:`VideoPredictor` that runs the
+reference network of an :class:`~semivss.models.accel.AccelNet` on key frames only, warps its
+score map through the consecutive optical flows in between and fuses it with the update branch
+on every frame.
+
+Key frames: the first frame of each video, then every ``interval`` frames; adaptively also when
+the flow's mean magnitude exceeds ``max_flow`` pixels or the share of warped pixels whose source
+lies outside the previous frame exceeds ``max_invalid``. ``timings`` accumulates the seconds spent
+in each stage (reference, flow, warp, update, fusion) for benchmarks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from semivss.errors import ConfigError
+from semivss.inference.config import EvalConfig
+from semivss.inference.predict import eval_mode
+from semivss.models.accel import AccelNet
+from semivss.models.flow import FlowEstimator, invalid_share, warp
+from semivss.ops import resize
+
+__all__ = ["KeyframePredictor"]
+
+
+class KeyframePredictor:
+    """Accel / flow propagation over each video's frames in order (the ``VideoPredictor`` contract).
+
+    Frames arrive at ``cfg.size`` (``input_size``); outputs are upsampled to the requested size.
+    ``keyframe_output``: ``fuse`` (default: key frames too are the fusion of reference and update,
+    so K = 1 is the per-frame Accel) or ``reference`` (key frames are the reference alone, as in
+    IFR's Accel evaluation).
+    """
+
+    temporal = True
+
+    def __init__(
+        self,
+        net: AccelNet,
+        cfg: EvalConfig,
+        flow: FlowEstimator,
+        interval: int = 5,
+        max_flow: float | None = None,
+        max_invalid: float | None = None,
+        keyframe_output: str = "fuse",
+    ) -> None:
+        if interval < 1:
+            raise ConfigError(f"--keyframe-interval must be >= 1, got {interval}")
+        if cfg.mode != "whole" or cfg.scales != (1.0,) or cfg.flip:
+            raise ConfigError("key-frame inference runs whole-image, single-scale, without flip "
+                              f"(got mode {cfg.mode}, scales {list(cfg.scales)}, flip {cfg.flip})")
+        if keyframe_output not in ("fuse", "reference"):
+            raise ConfigError(f"keyframe_output must be 'fuse' or 'reference', got {keyframe_output!r}")
+        for name, v in (("max_flow", max_flow), ("max_invalid", max_invalid)):
+            if v is not None and v <= 0:
+                raise ConfigError(f"{name} must be > 0, got {v}")
+        self.net = net
+        self.cfg = cfg
+        self.flow = flow
+        self.interval = int(interval)
+        self.max_flow = max_flow
+        self.max_invalid = max_invalid
+        self.keyframe_output = keyframe_output
+        self.timings: dict[str, float] = defaultdict(float)
+        self.frames = 0
+        self.keyframes = 0
+        self.reset()
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        return self.cfg.size
+
+    def reset(self) -> None:
+        self._score: Tensor | None = None  # the reference score map carried to the last frame
+        self._prev: Tensor | None = None  # the last frame (for the next flow)
+        self._since_key = 0
+
+    @contextlib.contextmanager
+    def eval_mode(self) -> Iterator[KeyframePredictor]:
+        with eval_mode(self.net):
+            yield self
+
+    @contextlib.contextmanager
+    def _timed(self, stage: str, device: torch.device) -> Iterator[None]:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.timings[stage] += time.perf_counter() - t0
+
+    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager[object]:
+        if not self.cfg.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16)
+
+    def _keyframes(self, images: Tensor, dev: torch.device) -> tuple[list[bool], list[Tensor | None]]:
+        """Which frames of ``images`` are key frames, and the flow of each other frame from its
+        predecessor. Decided from the frames alone (flows, interval), so that the reference
+        network then runs on all key frames of the batch at once."""
+        keys: list[bool] = []
+        flows: list[Tensor | None] = []
+        since = self._since_key
+        prev = self._prev
+        for j in range(images.shape[0]):
+            x = images[j : j + 1]
+            key = prev is None or since >= self.interval
+            flow = None
+            if not key:
+                assert prev is not None
+                with self._timed("flow", dev):
+                    flow = self.flow(x, prev)
+                if self.max_flow is not None and float(flow.norm(dim=1).mean()) > self.max_flow:
+                    key = True
+                elif self.max_invalid is not None and float(invalid_share(flow)) > self.max_invalid:
+                    key = True
+            keys.append(key)
+            flows.append(None if key else flow)
+            since = 1 if key else since + 1
+            prev = x
+        return keys, flows
+
+    def step(
+        self, images: Tensor, out_size: tuple[int, int], with_probs: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """``VideoPredictor.step``: ``(labels (B,H,W), probs or None)`` at ``out_size``."""
+        dev = images.device
+        out_size = (int(out_size[0]), int(out_size[1]))
+        with torch.inference_mode():
+            keys, flows = self._keyframes(images, dev)
+            key_idx = [j for j, k in enumerate(keys) if k]
+            ref: Tensor | None = None
+            if key_idx:
+                with self._timed("reference", dev), self._autocast(dev):
+                    ref = self.net.reference_scores(images[key_idx]).float()
+            scores = []
+            for j, key in enumerate(keys):  # carry the reference scores along the flows
+                if key:
+                    assert ref is not None
+                    self._score = ref[key_idx.index(j) : key_idx.index(j) + 1]
+                    self._since_key = 1
+                    self.keyframes += 1
+                else:
+                    assert self._score is not None and flows[j] is not None
+                    with self._timed("warp", dev):
+                        self._score, _ = warp(self._score, flows[j])
+                    self._since_key += 1
+                scores.append(self._score)
+            self._prev = images[-1:]
+            score = torch.cat(scores)
+            logits = score
+            if self.net.update is not None:
+                use = [j for j, k in enumerate(keys) if not (k and self.keyframe_output == "reference")]
+                if use:
+                    with self._timed("update", dev), self._autocast(dev):
+                        upd = self.net.update_scores(images[use], score.shape[-2:]).float()
+                    with self._timed("fusion", dev):
+                        logits = score.clone()
+                        logits[use] = self.net.fuse(score[use], upd).float()
+            labels, probs = [], []
+            for j in range(logits.shape[0]):  # per frame: bounded temporaries at the output size
+                up = resize(logits[j : j + 1], out_size)
+                labels.append(up.argmax(1))
+                if with_probs:
+                    probs.append(torch.softmax(up, dim=1))
+            self.frames += images.shape[0]
+        return torch.cat(labels), (torch.cat(probs) if with_probs else None)
+
+    def summary(self) -> dict[str, float]:
+        """Frames, key frames and seconds per stage so far."""
+        return {"frames": self.frames, "keyframes": self.keyframes, **dict(self.timings)}

@@ -1,0 +1,365 @@
+"""Accel (docs/methods.md#14-accel): score-map warping against hand-shifted maps, DIS recovering a
+known shift, the learned-flow interface, K = 1 equal to per-frame fusion, adaptive key frames,
+fusion training lowering its loss, the exported model reloading, and key-frame evaluate/predict
+through the command line with memory flat in the video length."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from semivss.cli import app
+from semivss.data.transforms import to_tensor
+from semivss.inference.config import EvalConfig
+from semivss.inference.keyframes import KeyframePredictor
+from semivss.models import build_model
+from semivss.models.accel import AccelNet, build_accel
+from semivss.models.config import ModelConfig
+from semivss.models.flow import DISFlow, TorchFlow, build_flow, resize_flow, warp
+from semivss.ops import resize
+
+runner = CliRunner()
+C = 4
+
+
+def _invoke(args: list) -> None:
+    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+
+def _texture(h: int = 96, w: int = 128, seed: int = 0) -> np.ndarray:
+    """A smooth random texture (uint8 HxWx3) that optical flow can track."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(0, 256, size=(h // 8, w // 8, 3), dtype=np.uint8)
+    return cv2.resize(noise, (w, h), interpolation=cv2.INTER_CUBIC)
+
+
+def _tiny_net(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(backbone="mobilenet_v2", pretrained=None), C).eval()
+
+
+def _accel(seed: int = 0, random_fusion: bool = True) -> AccelNet:
+    net = AccelNet(_tiny_net(seed), _tiny_net(seed + 1), C, update_scale=0.5)
+    if random_fusion:
+        with torch.no_grad():
+            net.fusion.weight.normal_(0, 0.5)
+            net.fusion.bias.normal_(0, 0.1)
+    return net.eval()
+
+
+# ---------------------------------------------------------------- warping and flow
+def test_warp_by_a_constant_flow_equals_the_hand_shifted_map() -> None:
+    score = torch.randn(2, 3, 10, 12)
+    flow = torch.zeros(2, 2, 10, 12)
+    flow[:, 0], flow[:, 1] = 2.0, -1.0  # each current pixel comes from 2 right, 1 up
+    warped, invalid = warp(score, flow)
+    # out[y, x] = score[y - 1, x + 2] wherever that is inside the map
+    assert torch.allclose(warped[:, :, 1:, :-2], score[:, :, :-1, 2:], atol=1e-5)
+    # the rest is filled from the border (border padding) and counted as invalid
+    assert torch.allclose(warped[:, :, 0, :-2], score[:, :, 0, 2:], atol=1e-5)
+    outside = 1 - (9 * 10) / (10 * 12)
+    assert invalid.tolist() == pytest.approx([outside, outside])
+
+
+def test_warp_rescales_a_full_resolution_flow_to_the_score_map() -> None:
+    score = torch.randn(1, 2, 8, 8)
+    flow = torch.zeros(1, 2, 32, 32)
+    flow[:, 0] = 8.0  # 8 input pixels = 2 score pixels at a quarter of the resolution
+    warped, _ = warp(score, flow)
+    assert torch.allclose(warped[..., :-2], score[..., 2:], atol=1e-5)
+    assert torch.allclose(resize_flow(flow, (8, 8))[:, 0], torch.full((1, 8, 8), 2.0))
+
+
+def test_zero_flow_warp_is_the_identity() -> None:
+    score = torch.randn(1, 5, 7, 9)
+    warped, invalid = warp(score, torch.zeros(1, 2, 14, 18))
+    assert torch.allclose(warped, score, atol=1e-6) and float(invalid) == 0.0
+
+
+@pytest.mark.parametrize("preset", ["ultrafast", "fast", "medium"])
+def test_dis_flow_recovers_a_known_shift(preset: str) -> None:
+    big = _texture(128, 160)
+    dx, dy = 3, 2
+    previous = big[10:106, 10:138]
+    current = big[10 + dy : 106 + dy, 10 + dx : 138 + dx]  # current(x) = previous(x + (dx, dy))
+    flow = DISFlow(preset)(to_tensor(current)[None], to_tensor(previous)[None])
+    assert flow.shape == (1, 2, 96, 128)
+    inner = flow[0, :, 16:-16, 16:-16]
+    assert float(inner[0].median()) == pytest.approx(dx, abs=0.25)
+    assert float(inner[1].median()) == pytest.approx(dy, abs=0.25)
+    # warping the previous frame with it reproduces the current one inside the frame
+    warped, _ = warp(to_tensor(previous)[None], flow)
+    err = (warped - to_tensor(current)[None])[..., 16:-16, 16:-16].abs().mean()
+    assert float(err) < 0.1
+
+
+class ConstantFlowNet(torch.nn.Module):
+    """A stand-in for a learned flow network (RAFT, FlowNet): a conv whose output is a constant
+    flow at half resolution, in pixels of that grid (what such networks return)."""
+
+    def __init__(self, dx: float, dy: float) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(6, 2, 1)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.bias.copy_(torch.tensor([dx, dy]))
+        self.inputs: list[float] = []
+
+    def forward(self, current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(float(current.max()))
+        x = torch.cat([current, previous], 1)[..., ::2, ::2]
+        return self.conv(x)
+
+
+def test_a_learned_flow_network_plugs_in_through_torchflow() -> None:
+    net = ConstantFlowNet(1.5, -0.5)
+    flow = TorchFlow(net)(torch.zeros(1, 3, 20, 30), torch.zeros(1, 3, 20, 30))
+    # half-resolution flow of (1.5, -0.5) grid pixels = (3, -1) input pixels
+    assert flow.shape == (1, 2, 20, 30)
+    assert torch.allclose(flow[:, 0], torch.full((1, 20, 30), 3.0)) and torch.allclose(flow[:, 1], torch.full((1, 20, 30), -1.0))
+    assert 0.0 <= net.inputs[0] <= 1.0  # frames given as RGB / 255
+    # and drives key-frame inference like DIS does
+    p = KeyframePredictor(_accel(), EvalConfig(size=(32, 48)), TorchFlow(ConstantFlowNet(0, 0)), interval=3)
+    with p.eval_mode():
+        labels, _ = p.step(torch.randn(4, 3, 32, 48), (32, 48))
+    assert labels.shape == (4, 32, 48) and p.keyframes == 2
+
+
+def test_unknown_flow_name_is_a_config_error() -> None:
+    from semivss.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="dis-fast"):
+        build_flow("raft")
+
+
+# ---------------------------------------------------------------- the model and key frames
+def test_untrained_fusion_is_the_reference_branch() -> None:
+    net = _accel(random_fusion=False)
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        assert torch.allclose(net(x)["logits"], net.reference(x)["logits"], atol=1e-5)
+
+
+def test_k1_accel_equals_fusion_of_reference_and_update_on_every_frame() -> None:
+    net = _accel()
+    frames = torch.randn(5, 3, 32, 48)
+    p = KeyframePredictor(net, EvalConfig(size=(32, 48)), DISFlow("ultrafast"), interval=1)
+    with p.eval_mode():
+        _, probs = p.step(frames, (40, 60), with_probs=True)
+    with torch.no_grad():
+        ref = net.reference(frames)["logits"]
+        upd = net.update(resize(frames, (16, 24)))["logits"]
+        fused = net.fusion(torch.cat([ref, resize(upd, ref.shape[-2:])], 1))
+    assert p.keyframes == 5
+    assert torch.allclose(probs, torch.softmax(resize(fused, (40, 60)), 1), atol=1e-5)
+
+
+def test_keyframes_every_k_frames_and_reference_warped_in_between() -> None:
+    net = _accel()
+    x = torch.randn(1, 3, 32, 48)
+    frames = x.repeat(7, 1, 1, 1)  # a still video: the flow is zero and warping changes nothing
+    p = KeyframePredictor(net, EvalConfig(size=(32, 48)), DISFlow("fast"), interval=3)
+    q = KeyframePredictor(net, EvalConfig(size=(32, 48)), DISFlow("fast"), interval=1)
+    with p.eval_mode():
+        _, probs = p.step(frames[:4], (32, 48), with_probs=True)
+        _, rest = p.step(frames[4:], (32, 48), with_probs=True)  # state carries across batches
+        _, every = q.step(frames, (32, 48), with_probs=True)
+    assert p.keyframes == 3 and p.frames == 7  # frames 0, 3, 6
+    assert torch.allclose(torch.cat([probs, rest]), every, atol=1e-4)
+    assert {"reference", "flow", "warp", "update", "fusion"} <= set(p.summary())
+    p.reset()
+    with p.eval_mode():
+        p.step(frames[:1], (32, 48))
+    assert p.keyframes == 4  # a new video starts with a key frame
+
+
+def test_adaptive_keyframes_on_a_scene_cut() -> None:
+    a, b = to_tensor(_texture(seed=1))[None], to_tensor(_texture(seed=2))[None]
+    frames = torch.cat([a, a, a, b, b, b])  # a cut after frame 2
+    net = _accel()
+    fixed = KeyframePredictor(net, EvalConfig(size=(96, 128)), DISFlow("fast"), interval=10)
+    adaptive = KeyframePredictor(net, EvalConfig(size=(96, 128)), DISFlow("fast"), interval=10,
+                                 max_flow=2.0)
+    with fixed.eval_mode(), adaptive.eval_mode():
+        fixed.step(frames, (96, 128))
+        adaptive.step(frames, (96, 128))
+    assert fixed.keyframes == 1 and adaptive.keyframes == 2
+
+
+def test_keyframe_output_reference_uses_the_reference_alone_on_key_frames() -> None:
+    net = _accel()
+    frames = torch.randn(2, 3, 32, 48)
+    p = KeyframePredictor(net, EvalConfig(size=(32, 48)), DISFlow("fast"), interval=1,
+                          keyframe_output="reference")
+    with p.eval_mode():
+        _, probs = p.step(frames, (32, 48), with_probs=True)
+    with torch.no_grad():
+        ref = resize(net.reference(frames)["logits"], (32, 48))
+    assert torch.allclose(probs, torch.softmax(ref, 1), atol=1e-5)
+
+
+def test_keyframe_inference_refuses_tta() -> None:
+    from semivss.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="single-scale"):
+        KeyframePredictor(_accel(), EvalConfig(size=(32, 48), flip=True), DISFlow(), interval=2)
+
+
+def test_build_accel_from_its_record_reloads_the_same_model() -> None:
+    net = _accel()
+    cfg = ModelConfig(backbone="mobilenet_v2", pretrained=None).model_dump()
+    record = net.record(cfg, cfg)
+    again = build_accel(json.loads(json.dumps(record)), C)
+    again.load_state_dict(net.state_dict())
+    x = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        assert torch.allclose(again.eval()(x)["logits"], net(x)["logits"])
+
+
+# ---------------------------------------------------------------- training and the command line
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """A tiny synthetic set, a per-frame model trained on it, and Accel fusion trained on top."""
+    root = tmp_path_factory.mktemp("accel")
+    data = root / "synth"
+    _invoke(["data", "synth", data, "--videos", "4", "--frames", "12", "--height", "48", "--width", "64", "--seed", "5"])
+    base = {
+        "data": {"format": "synthetic", "root": str(data), "split": {"mode": "single", "position": 6},
+                 "base_size": [48, 64], "crop_size": [48, 64], "scale_range": [1.0, 1.0],
+                 "batch_size": 2, "num_workers": 0},
+        "model": {"backbone": "mobilenet_v2", "pretrained": None},
+        "train": {"log_interval": 2, "eval_interval": 100, "ckpt_interval": 100, "precision": "fp32"},
+        "eval": {"size": [48, 64]},
+    }
+    sup = {**base, "name": "sup", "out_dir": str(root / "sup"), "optim": {"lr": 0.01}, "schedule": {"iters": 4}}
+    (root / "sup.yaml").write_text(yaml.safe_dump(sup))
+    _invoke(["train", root / "sup.yaml"])
+    acc = {**base, "name": "acc", "out_dir": str(root / "acc"), "optim": {"lr": 0.01}, "schedule": {"iters": 4},
+           "method": {"name": "accel", "reference": str(root / "sup/model.safetensors"), "max_interval": 3,
+                      "keyframe_interval": 3}}
+    (root / "acc.yaml").write_text(yaml.safe_dump(acc))
+    _invoke(["train", root / "acc.yaml"])
+    return {"root": root, "data": data, "sup": root / "sup/model.safetensors", "acc": root / "acc/model.safetensors"}
+
+
+def test_fusion_training_lowers_its_loss_on_fixed_clips(trained) -> None:
+    from semivss.data.batch import LabeledBatch
+    from semivss.methods import build_method
+
+    method = build_method("accel", {"reference": str(trained["sup"]), "max_interval": 2}, 8)
+    models = method.build_models(lambda: None)
+    net = models["accel"]
+    assert [n for n, p in net.named_parameters() if p.requires_grad] == ["fusion.weight", "fusion.bias"]
+    torch.manual_seed(0)
+    image = torch.randn(2, 3, 48, 64)
+    with torch.no_grad():  # labels the update branch predicts: learnable only by using that branch
+        label = resize(net.update_scores(image, (12, 16)), (48, 64)).argmax(1)
+    batch = {"labeled": LabeledBatch(image, label, torch.ones(2, 48, 64, dtype=torch.bool),
+                                     image[:, None].repeat(1, 2, 1, 1, 1), torch.tensor([[-2, -1]] * 2), None)}
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5)
+    losses = []
+    for step in range(30):
+        loss = method.training_step(models, batch, step, 30)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert not net.reference.training and not net.update.training  # frozen branches stay in eval mode
+
+
+def test_preceding_context_is_the_clip_before_the_labeled_frame(trained) -> None:
+    from semivss.data.clips import LabeledClips
+    from semivss.data.formats import load_dataset
+    from semivss.data.transforms import ClipAugment
+    from semivss.data.video import FrameRef
+
+    vs = load_dataset("synthetic", trained["data"], "train")
+    aug = ClipAugment(base_size=(48, 64), crop_size=(48, 64), scale_range=(1.0, 1.0), hflip=False)
+    video = vs.videos[0]
+    assert all(f.label is not None for f in video.frames)  # every synthetic frame is annotated
+    refs = [FrameRef(video.name, video.frames[6].index), FrameRef(video.name, video.frames[1].index)]
+    ds = LabeledClips(vs, refs, aug, context_frames=3, context_preceding=True)
+    item = ds[(0, 7)]
+    assert item.context_offset.tolist() == [-3, -2, -1]
+    expect = [to_tensor(vs.read_image(video.frames[p])) for p in (3, 4, 5)]
+    assert all(torch.allclose(item.context[i], expect[i], atol=1e-5) for i in range(3))
+    # near the start of the video the first frame stands in for the missing predecessors
+    assert ds[(1, 7)].context_offset.tolist() == [-1, -1, -1]
+
+
+def test_exported_accel_reloads_as_a_keyframe_predictor(trained) -> None:
+    from semivss.experiment import load_trained_model
+    from semivss.inference.predict import as_predictor
+
+    model, meta = load_trained_model(trained["acc"])
+    assert isinstance(model, AccelNet) and meta["export"]["arch"]["kind"] == "accel"
+    assert model.update_scale == 0.5 and model.keyframe_interval == 3
+    pred = as_predictor(model, EvalConfig(size=(48, 64)))
+    assert isinstance(pred, KeyframePredictor) and pred.interval == 3
+
+
+def test_keyframe_evaluate_and_predict_through_the_cli(trained, tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    _invoke(["evaluate", trained["acc"], "--data", trained["data"], "--format", "synthetic", "--split", "val",
+             "--keyframe-interval", "4", "--out", out])
+    m = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert 0.0 <= m["mIoU"] <= 1.0 and m["n_frames"] == 12
+    # a per-frame checkpoint with --keyframe-interval: flow propagation of its scores
+    out2 = tmp_path / "eval2"
+    _invoke(["evaluate", trained["sup"], "--data", trained["data"], "--format", "synthetic", "--split", "val",
+             "--keyframe-interval", "3", "--keyframe-max-invalid", "0.5", "--flow", "dis-ultrafast", "--out", out2])
+    assert json.loads((out2 / "metrics.json").read_text())["metrics"]["n_frames"] == 12
+    bad = runner.invoke(app, ["evaluate", str(trained["sup"]), "--data", str(trained["data"]), "--format", "synthetic",
+                              "--split", "val", "--keyframe-interval", "2", "--ensemble", str(trained["sup"]),
+                              "--out", str(tmp_path / "bad")])
+    assert bad.exit_code != 0 and "not an --ensemble" in str(bad.exception)
+
+
+def _peak_rss_of_predict(acc: Path, frames: int, tmp: Path) -> int:
+    """Peak resident memory (kB) of a fresh process predicting a generated mp4 of ``frames``
+    frames with key-frame inference."""
+    script = textwrap.dedent(f"""
+        import resource, numpy as np
+        from semivss.inference.writers import Mp4Writer
+        from semivss.cli import main
+        import sys
+        rng = np.random.default_rng(0)
+        base = rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)
+        with Mp4Writer({str(tmp / 'in.mp4')!r}, fps=15) as w:
+            for t in range({frames}):
+                w.write(np.roll(base, t, axis=1))
+        sys.argv = ["semivss", "predict", {str(acc)!r}, {str(tmp / 'in.mp4')!r}, {str(tmp / 'out')!r},
+                    "--keyframe-interval", "5", "--device", "cpu"]
+        try:
+            main()
+        except SystemExit as e:
+            assert not e.code, e.code
+        print("PEAK", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp)}, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert len(list((tmp / "out/labels").glob("*.png"))) == frames
+    return int(res.stdout.split("PEAK")[-1].split()[0])
+
+
+def test_streaming_keyframe_predict_memory_is_flat_in_video_length(trained, tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    short = _peak_rss_of_predict(trained["acc"], 40, tmp_path / "a")
+    long = _peak_rss_of_predict(trained["acc"], 200, tmp_path / "b")
+    # 160 more frames of 240x320 RGB are 37 MB: keeping one copy of each frame would show
+    assert long - short < 15_000, (short, long)
