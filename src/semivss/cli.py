@@ -300,24 +300,70 @@ def predict(
     keyframe_max_flow: Optional[float] = typer.Option(None, "--keyframe-max-flow", help=MAX_FLOW_HELP),
     keyframe_max_invalid: Optional[float] = typer.Option(None, "--keyframe-max-invalid", help=MAX_INVALID_HELP),
     flow: Optional[str] = typer.Option(None, "--flow", help=FLOW_HELP),
+    out_format: str = typer.Option("overlay", "--format",
+                                   help="overlay: label PNGs, overlays, mp4 of one video | vspw-submission: SOURCE "
+                                        "is a VSPW root, every frame of --split as <video>/<frame>.png class ids 0..123"),
+    split: str = typer.Option("test", help="With --format vspw-submission: the split to predict."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     overwrite: bool = typer.Option(False, help="Allow replacing files in OUT."),
 ) -> None:
-    """Segment a video (folder of frames or mp4): palette label PNGs, overlays and an H.264 mp4."""
+    """Segment a video (folder of frames or mp4): palette label PNGs, overlays and an H.264 mp4;
+    or a whole VSPW split in the submission layout."""
     import numpy as np
 
     from semivss.inference.video import predict_source
 
+    if out_format not in ("overlay", "vspw-submission"):
+        raise SemivssError(f"--format must be overlay or vspw-submission, got {out_format!r}")
     dev = _device(device)
     predictor, metas = _load_predictor(checkpoint, ensemble, weights, scales, flip, dev, mode=mode,
                                        **({"size": _size(size)} if size is not None else {}))
     ecfg = predictor.members[0].cfg
+    if out_format == "vspw-submission":
+        from semivss.inference.score import write_submission
+        from semivss.inference.writers import check_new_output
+
+        videoset = _load_set("vspw", source, split, None, metas[0], checkpoint)
+        target = check_new_output(out, overwrite)
+        vp = _video_predictor(predictor, int(metas[0]["num_classes"]), smooth, keyframe_interval,
+                              flow, keyframe_max_flow, keyframe_max_invalid)
+        n = write_submission(vp, videoset, target, ecfg, dev)
+        console.print(f"{n} frames of {len(videoset.videos)} videos -> {target}/<video>/<frame>.png")
+        return
     palette = np.asarray(metas[0]["palette"], dtype=np.uint8)
     video_predictor = _video_predictor(predictor, int(metas[0]["num_classes"]), smooth, keyframe_interval,
                                        flow, keyframe_max_flow, keyframe_max_invalid)
     summary = predict_source(video_predictor, source, out, palette, ecfg, dev,
                              fps=fps, overwrite=overwrite)
     console.print(summary)
+
+
+@app.command("score", cls=_FormatsCommand)
+def score_cmd(
+    pred_dir: Path = typer.Argument(..., help="Prediction PNGs: <video>/<frame stem>.png or <video>/<index:08d>.png"),
+    data: Path = typer.Option(..., "--data", help="Dataset root folder (the ground truth)."),
+    fmt: str = typer.Option("camvid", "--format", help=FORMAT_HELP, parser=_format_name),
+    split: str = typer.Option("val", help="Split whose annotated frames are scored."),
+    label_map: Optional[Path] = typer.Option(None, "--label-map", help=LABEL_MAP_HELP),
+    out: Optional[Path] = typer.Option(None, help="Write the metrics as JSON here."),
+    overwrite: bool = typer.Option(False, help="Allow replacing an existing --out file."),
+) -> None:
+    """Score a folder of prediction PNGs without a model: mIoU, per-class IoU, fwIoU, VC8, VC16."""
+    from semivss.data import formats
+    from semivss.data.remap import LabelMap
+    from semivss.inference.score import score_predictions
+    from semivss.inference.writers import check_new_output
+
+    videoset = formats.load_dataset(fmt, data, split, key="--format")
+    if label_map is not None:
+        videoset = LabelMap.from_file(label_map).remap_videoset(videoset)
+    if out is not None:
+        check_new_output(out, overwrite)
+    result = score_predictions(pred_dir, videoset)
+    console.print(result.table(title=f"{pred_dir} on {data.name} ({split} split)"))
+    if out is not None:
+        result.to_json(out)
+        console.print(f"metrics -> {out}")
 
 
 @app.command("pseudo-label", cls=_FormatsCommand)

@@ -8,6 +8,8 @@ Layouts, file-name conventions and label mappings: docs/protocols.md#6-dataset-f
 
 from __future__ import annotations
 
+import os
+
 import re
 from pathlib import Path
 
@@ -253,6 +255,20 @@ def _match_labels(
     return out
 
 
+def _subdirs(folder: Path) -> list[Path]:
+    """Sub-folders of ``folder`` (none when it does not exist), sorted, from one listing."""
+    if not folder.is_dir():
+        return []
+    with os.scandir(folder) as it:
+        return sorted(Path(e.path) for e in it if e.is_dir() and not e.name.startswith("."))
+
+
+def _files(folder: Path, suffix: str = "") -> list[str]:
+    """Names of the files of ``folder`` that end with ``suffix``, sorted, from one listing."""
+    with os.scandir(folder) as it:
+        return sorted(e.name for e in it if e.name.endswith(suffix) and not e.name.startswith(".") and e.is_file())
+
+
 # ---------------------------------------------------------------------------------------------
 # Cityscapes
 
@@ -286,25 +302,31 @@ def load_cityscapes(root: str | Path, split: str | None = "train") -> VideoSet:
     if not img_root.is_dir():
         raise DataError(f"Cityscapes images not found: {root / 'leftImg8bit_sequence' / split} (nor leftImg8bit/)")
     gt_root = root / "gtFine" / split
+    # one directory listing per city (no per-frame stat), so a 250k-frame set indexes in seconds;
+    # images are neither opened nor decoded here
+    labels = {lab: city / lab for city in _subdirs(gt_root) for lab in _files(city, "_gtFine_labelIds.png")}
     by_video: dict[str, list[Frame]] = {}
-    seen: set[Path] = set()
-    for img in sorted(img_root.glob("*/*_leftImg8bit.png")):
-        m = _CS_NAME.match(img.stem)
-        if m is None:
-            raise DataError(f"Cityscapes file name {img} is not <city>_<seq>_<frame>_leftImg8bit.png")
-        city, seq, frame = m.group("city"), m.group("seq"), m.group("frame")
-        label = gt_root / city / f"{city}_{seq}_{frame}_gtFine_labelIds.png"
-        has = label.is_file()
-        if has:
-            seen.add(label)
-        video = f"{city}_{seq}"
-        by_video.setdefault(video, []).append(Frame(video, int(frame), image=img, label=label if has else None))
+    seen: set[str] = set()
+    for city_dir in _subdirs(img_root):
+        for img_name in _files(city_dir, "_leftImg8bit.png"):
+            img = city_dir / img_name
+            m = _CS_NAME.match(img_name[: -len(".png")])
+            if m is None:
+                raise DataError(f"Cityscapes file name {img} is not <city>_<seq>_<frame>_leftImg8bit.png")
+            city, seq, frame = m.group("city"), m.group("seq"), m.group("frame")
+            name = f"{city}_{seq}_{frame}_gtFine_labelIds.png"
+            label = labels.get(name)
+            if label is not None:
+                seen.add(name)
+            video = f"{city}_{seq}"
+            by_video.setdefault(video, []).append(Frame(video, int(frame), image=img, label=label))
     if not by_video:
         raise DataError(f"Cityscapes folder {img_root} contains no *_leftImg8bit.png frames")
-    if gt_root.is_dir():
-        for lab in sorted(gt_root.glob("*/*_gtFine_labelIds.png")):
-            if lab not in seen:
-                raise DataError(f"Cityscapes label {lab} has no image in {img_root}")
+    orphans = sorted(set(labels) - seen)
+    if orphans:
+        raise DataError(f"Cityscapes label {labels[orphans[0]]} has no image in {img_root}")
+    for frames in by_video.values():
+        frames.sort(key=lambda f: f.index)
     classes, palette, lut = _cityscapes_table()
     videos = [Video(n, fr) for n, fr in sorted(by_video.items())]
     return VideoSet(f"cityscapes/{split}", videos, classes, palette, lut, root=img_root)
@@ -346,17 +368,19 @@ def load_vspw(root: str | Path, split: str | None = "train") -> VideoSet:
     if not names:
         raise DataError(f"VSPW split file {split_file} lists no videos")
     videos = []
-    for name in names:
+    for name in names:  # one listing of origin/ and mask/ per video: no per-frame stat, no decoding
         origin, mask = root / "data" / name / "origin", root / "data" / name / "mask"
         if not origin.is_dir():
             raise DataError(f"VSPW video {name!r} listed in {split_file} has no folder {origin}")
-        files = sorted(f for f in origin.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        files = [f for f in _files(origin) if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES]
         if not files:
             raise DataError(f"VSPW video folder {origin} contains no frames")
+        masks = set(_files(mask, ".png")) if mask.is_dir() else set()
         frames = []
         for f in files:
-            lab = mask / f"{f.stem}.png"
-            frames.append(Frame(name, _last_int(f), image=f, label=lab if lab.is_file() else None))
+            stem = os.path.splitext(f)[0]
+            frames.append(Frame(name, _last_int(origin / f), image=origin / f,
+                                label=mask / f"{stem}.png" if f"{stem}.png" in masks else None))
         videos.append(Video(name, frames))
     lut = make_label_lut(len(VSPW_CLASSES), {v: v - 1 for v in range(1, 125)}, ignore=(0, 254, 255))
     return VideoSet(f"vspw/{split}", videos, list(VSPW_CLASSES), None, lut, root=root)

@@ -111,10 +111,13 @@ class EvalResult:
         return out
 
     def to_json(self, path: str | Path) -> Path:
-        """Write :meth:`to_dict` as JSON."""
+        """Write :meth:`to_dict` as JSON (atomically: a failed write leaves no partial file)."""
+        from semivss.engine.checkpoint import atomic_write
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        data = (json.dumps(self.to_dict(), indent=2) + "\n").encode()
+        atomic_write(path, lambda f: f.write(data))
         return path
 
     def summary(self) -> str:
