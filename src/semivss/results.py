@@ -222,9 +222,34 @@ def results_markdown(records: list[dict[str, Any]], baseline: str | None = None,
 _BLOCK = re.compile(r"(<!-- results: (?P<args>[^>]*?) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
 
 
+def video_inference_markdown(record: dict[str, Any]) -> str:
+    """Markdown of a ``benchmarks/video_inference.py`` record: one row per predictor (frames/s,
+    speed-up vs the per-frame reference, mIoU, fwIoU, VC8, VC16, key frames, seconds per stage)."""
+    head = ["predictor", "frames/s", "vs reference", "mIoU", "fwIoU", "VC8", "VC16", "key frames",
+            "seconds: reference / update / flow / warp / fusion"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in record["rows"]:
+        st = r.get("stage_seconds") or {}
+        stages = " / ".join(f"{st.get(k, 0.0):.2f}" for k in ("reference", "update", "flow", "warp", "fusion"))
+        lines.append("| " + " | ".join([
+            r["row"], f"{r['fps']:.2f}", f"{r['speedup_vs_reference']:.2f}x", _pct(r.get("mIoU")),
+            _pct(r.get("fwIoU")), _pct(r.get("VC8")), _pct(r.get("VC16")),
+            str(r.get("keyframes", r["frames"])), stages if st else "-"]) + " |")
+    m = record.get("machine") or {}
+    lines.append("")
+    lines.append(f"{record['frames']} frames of {record['format']} {record['split']} at "
+                 f"{record['input_size'][0]}x{record['input_size'][1]}, {record['precision']}, flow "
+                 f"{record['flow']}, update branch at x{record['update_scale']:g} input; "
+                 f"{m.get('cpu', '?')}, commit {str(record.get('commit') or '?')[:8]}.")
+    return "\n".join(lines)
+
+
 def _table_from_args(args: str) -> str:
-    """The table a marker asks for: ``DIR [DIR ...] [--baseline ROW] [--no-per-class]``."""
+    """The table a marker asks for: ``DIR [DIR ...] [--baseline ROW] [--no-per-class]``, or
+    ``--video-inference FILE`` (a video-inference benchmark record)."""
     words = shlex.split(args)
+    if words and words[0] == "--video-inference":
+        return "\n\n".join(video_inference_markdown(json.loads(Path(w).read_text())) for w in words[1:])
     baseline, per_class, paths = None, True, []
     i = 0
     while i < len(words):
