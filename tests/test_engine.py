@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from semivss.engine import (
 from semivss.engine.checkpoint import capture_rng, restore_rng
 from semivss.engine.logger import CSVLog
 from semivss.engine.precision import Precision, cpu_has_native_bf16, images_channels_last
-from semivss.errors import ConfigError, DataError, TrainingError
+from semivss.errors import ConfigError, DataError, TrainingError, TrainingInterrupted
 from semivss.methods import Supervised
 from semivss.methods.base import ExportSpec
 
@@ -196,6 +197,35 @@ def test_load_checkpoint_errors_name_the_file(tmp_path: Path) -> None:
         load_checkpoint(bad)
 
 
+class SignalAt(Supervised):
+    """Sends itself ``sig`` during iteration ``at`` (0-based), as Ctrl-C or a scheduler would."""
+
+    def __init__(self, at: int, sig: int) -> None:
+        super().__init__(None, NUM_CLASSES)
+        self.at, self.sig = at, sig
+
+    def training_step(self, models, batch, step, max_steps):
+        if step == self.at:
+            os.kill(os.getpid(), self.sig)
+        return super().training_step(models, batch, step, max_steps)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_writes_last_checkpoint_at_the_current_step_and_resumes_exactly(tmp_path: Path, sig) -> None:
+    full = make_trainer(tmp_path / "full", iters=8)
+    full.fit()
+    part = tmp_path / "part"
+    with pytest.raises(TrainingInterrupted, match=r"step 3/8.*--resume") as info:
+        make_trainer(part, SignalAt(2, sig), iters=8).fit()  # ckpt_interval 4: step 3 saved only by the stop
+    assert str(part / "checkpoints" / "last.pt") in str(info.value)
+    assert load_checkpoint(part / "checkpoints" / "last.pt")["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    make_trainer(part, iters=8).fit(resume=True)
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")["models"]["model"]
+    b = load_checkpoint(part / "checkpoints" / "last.pt")["models"]["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # (4) non-finite loss --------------------------------------------------------------------------
 class NaNAtStep2(Supervised):
     def training_step(self, models, batch, step, max_steps):
@@ -206,7 +236,8 @@ class NaNAtStep2(Supervised):
 
 def test_nan_loss_raises_naming_step_and_term(tmp_path: Path) -> None:
     trainer = make_trainer(tmp_path / "nan", NaNAtStep2(None, NUM_CLASSES))
-    with pytest.raises(TrainingError, match=r"step 2.*loss_aux=nan") as info:
+    # the NaN comes in the third iteration (0-based step 2): reported as step 3, as the logs count
+    with pytest.raises(TrainingError, match=r"step 3 .*loss_aux=nan") as info:
         trainer.fit()
     assert "loss_sup=" in str(info.value)
 
@@ -302,12 +333,28 @@ def test_fresh_run_into_used_out_dir_refuses(tmp_path: Path) -> None:
     make_trainer(out, iters=4).fit()
     before = (out / "checkpoints" / "last.pt").read_bytes()
     assert load_checkpoint(out / "checkpoints" / "last.pt")["meta"]["root"] == "/data"  # Path -> str
-    with pytest.raises(DataError, match=r"already holds checkpoints.*resume.*another output"):
+    with pytest.raises(DataError, match=r"holds another run \(checkpoints/last.pt.*--resume.*another --out"):
         make_trainer(out, iters=4).fit()
     assert (out / "checkpoints" / "last.pt").read_bytes() == before
-    # resuming a finished run is a no-op that returns its metrics
+    # without its checkpoints the folder still holds a run: its exported model and logs are kept
+    import shutil
+
+    shutil.rmtree(out / "checkpoints")
+    model, log = (out / "model.safetensors").read_bytes(), (out / "metrics.csv").read_bytes()
+    with pytest.raises(DataError, match=r"holds another run \(model.safetensors, metrics.csv"):
+        make_trainer(out, iters=4).fit()
+    assert (out / "model.safetensors").read_bytes() == model and (out / "metrics.csv").read_bytes() == log
+    assert not (out / "checkpoints").exists()
+
+
+
+def test_resuming_a_finished_run_returns_its_metrics_and_stale_temp_files_go(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    make_trainer(out, iters=4).fit()
+    stale = out / "checkpoints" / ".last.pt.abc123.tmp"  # a checkpoint write killed mid-way
+    stale.write_bytes(b"x" * 100)
     again = make_trainer(out, iters=4).fit(resume=True)
-    assert set(again) == {"acc", "step"}
+    assert set(again) == {"acc", "step"} and not stale.exists()
 
 
 def test_trainer_rejects_bad_inputs(tmp_path: Path) -> None:

@@ -66,11 +66,24 @@ def _size(text: Optional[str]) -> Optional[tuple[int, int]]:
 
 
 def _device(name: str):
+    """``--device``: auto | cpu | cuda | cuda:N, checked against what this torch build has."""
     import torch
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise SemivssError(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise SemivssError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SemivssError(f"--device {name}: no CUDA device is available to this torch build "
+                               f"({torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SemivssError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 def _floats(text: Optional[str], option: str) -> Optional[tuple[float, ...]]:
@@ -642,12 +655,75 @@ def data_info(
     console.print(table)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from semivss import __version__
+
+        typer.echo(f"semivss {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of every error."),
+) -> None:
+    """semivss: semi-supervised video semantic segmentation (train, evaluate, predict, ...)."""
+    if debug:
+        os.environ["SEMIVSS_DEBUG"] = "1"
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for an anticipated failure: the message of a ``semivss`` error (also when a
+    DataLoader worker re-raised it with its traceback inside), an OS error with its file."""
+    import errno
+
+    if isinstance(exc, OSError) and not isinstance(exc, FileExistsError) and exc.errno is not None:
+        where = f" {exc.filename}" if exc.filename else ""
+        if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            return (f"no space left writing{where} ({exc.strerror}): free some space or raise the limit, "
+                    "then run the command again")
+        return f"{exc.strerror or exc}:{where}".rstrip(":")
+    text = str(exc)
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker process
+        last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
+        head, sep, rest = last.partition(": ")
+        text = rest if sep and head.replace(".", "").replace("_", "").isalnum() else last
+    text = " ".join(text.split())
+    return text or type(exc).__name__
+
+
+def _anticipated(exc: BaseException) -> bool:
+    """User input, environment and resource failures (not bugs): shown as one line, exit 2."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, (SemivssError, TrainingError, FileExistsError, ValidationError)):
+        return True
+    if isinstance(exc, OSError):  # disk full, permissions, a file where a folder is expected, ...
+        return exc.errno is not None
+    if "Original Traceback" in str(exc) and "semivss.errors." in str(exc):
+        return True  # a semivss error raised inside a DataLoader worker
+    return False
+
+
 def main() -> None:
-    """Entry point: user errors become one clear red line and exit code 2."""
+    """Entry point: anticipated failures become one red line ``error: ...`` and exit code 2;
+    Ctrl-C exits 130; a bug keeps its traceback (``--debug`` or SEMIVSS_DEBUG=1 shows it always)."""
     try:
         app()
-    except (SemivssError, TrainingError, FileExistsError) as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/]")
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the single error boundary
+        from semivss.errors import TrainingInterrupted
+
+        if os.environ.get("SEMIVSS_DEBUG") or not _anticipated(exc):
+            raise
+        if isinstance(exc, TrainingInterrupted):
+            console.print(f"[bold yellow]stopped:[/] {error_line(exc)}", soft_wrap=True)
+            sys.exit(130)
+        console.print(f"[bold red]error:[/] {error_line(exc)}", soft_wrap=True)
         sys.exit(2)
 
 

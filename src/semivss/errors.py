@@ -15,3 +15,7 @@ class ConfigError(SemivssError):
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss)."""
+
+
+class TrainingInterrupted(TrainingError):
+    """SIGINT / SIGTERM during training: ``last.pt`` was written at the current step."""

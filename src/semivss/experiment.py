@@ -75,7 +75,10 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> dict[str, float]:
 
     out_dir = Path(cfg.out_dir)
     if dist.is_main():
+        from semivss.engine.trainer import check_run_dir
         from semivss.results import git_commit, machine_info
+
+        check_run_dir(out_dir, resume)  # before config.yaml is written: another run is never touched
 
         out_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out_dir / ("config.resumed.yaml" if resume else "config.yaml"))
@@ -104,18 +107,23 @@ def load_trained_model(path: str | Path, device: torch.device | str = "cpu") -> 
     export record ``meta["export"]`` (:class:`~semivss.models.ensemble.ExportSpec`), combined as
     it says. Loads safely (no pickle execution)."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"checkpoint {path} is a folder; give checkpoints/best.pt, last.pt or model.safetensors")
     if not path.exists():
         raise DataError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
-        with safe_open(str(path), framework="pt") as fh:
-            header = fh.metadata() or {}
-        if "semivss_meta" not in header:
-            raise DataError(f"{path}: not a semivss model file (no 'semivss_meta' in its header)")
-        meta = json.loads(header["semivss_meta"])
-        combined = load_file(str(path))  # the state dict of the combined module
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                header = fh.metadata() or {}
+            if "semivss_meta" not in header:
+                raise DataError(f"{path}: not a semivss model file (no 'semivss_meta' in its header)")
+            meta = json.loads(header["semivss_meta"])
+            combined = load_file(str(path))  # the state dict of the combined module
+        except (SafetensorError, json.JSONDecodeError, OSError) as exc:
+            raise DataError(f"{path}: corrupt or truncated model file ({' '.join(str(exc).split()) or type(exc).__name__})") from None
     else:
         ckpt = load_checkpoint(path)
         meta = ckpt.get("meta") or {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -39,10 +40,12 @@ def _mode_for(path: Path) -> int:
         return 0o666 & ~mask
 
 
-def atomic_write(path: str | Path, write: Any) -> None:
+def atomic_write(path: str | Path, write: Any, durable: bool = True) -> None:
     """Call ``write(file_object)`` on a temp file beside ``path``, fsync, then ``os.replace``.
 
     A failure at any point removes the temp file and leaves an existing ``path`` untouched.
+    ``durable=False`` skips the fsyncs (per-frame outputs: still never half-written, but a power
+    cut may lose the last ones).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,15 +55,19 @@ def atomic_write(path: str | Path, write: Any) -> None:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
+            exc.filename = str(path)  # name the file the user asked for (e.g. on a full disk)
         raise
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -71,12 +78,22 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint on CPU with ``weights_only=True``; missing or corrupt -> DataError."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"checkpoint {path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise DataError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise DataError(f"checkpoint {path} is empty (0 bytes): a write was interrupted; use another checkpoint")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated / foreign files
-        raise DataError(f"checkpoint {path} is corrupt or not loadable: {exc}") from exc
+        # torch's advice (weights_only=False) would run arbitrary code from the file: keep only
+        # the first line of its reason
+        if isinstance(exc, pickle.UnpicklingError):
+            reason = "it holds Python objects that only unsafe (code-running) loading would rebuild; refused"
+        else:
+            reason = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise DataError(f"checkpoint {path} is corrupt or not a semivss checkpoint: {reason}") from None
     if not isinstance(state, dict):
         raise DataError(f"checkpoint {path} does not hold a dict (got {type(state).__name__})")
     return state

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
+import threading
 import time
 import warnings
 import zlib
@@ -41,7 +43,7 @@ from semivss.engine.memory import tune_malloc
 from semivss.engine.optim import build_optimizer, build_scheduler
 from semivss.engine.precision import Precision, images_channels_last, to_channels_last
 from semivss.engine.sampler import InfiniteBatchSampler
-from semivss.errors import ConfigError, DataError, TrainingError
+from semivss.errors import ConfigError, DataError, TrainingError, TrainingInterrupted
 from semivss.methods.base import Method
 
 EvaluateFn = Callable[[nn.Module, int], Mapping[str, float]]
@@ -98,6 +100,48 @@ def _plain(obj: Any, where: str) -> Any:
 #: Checkpoint keys only a resume needs: ``best.pt`` leaves them out (a method's memory bank
 #: alone can be ~330 MB on CamVid), ``last.pt`` keeps everything.
 RESUME_ONLY: frozenset[str] = frozenset({"optimizer", "scheduler", "scaler", "method", "rng"})
+
+
+RUN_OUTPUTS = ("checkpoints/last.pt", "checkpoints/best.pt", "model.safetensors", "metrics.csv", "tb")
+
+
+def check_run_dir(out_dir: str | Path, resume: bool) -> None:
+    """Refuse a fresh run in a folder holding another run's outputs (checkpoints, exported model,
+    logs), and a resume without ``checkpoints/last.pt``; DataError naming the folder and files."""
+    out_dir = Path(out_dir)
+    if resume:
+        last = out_dir / "checkpoints" / "last.pt"
+        if not last.is_file():
+            raise DataError(f"cannot resume: checkpoint {last} does not exist")
+        return
+    found = [name for name in RUN_OUTPUTS if (out_dir / name).exists()]
+    if found:
+        raise DataError(f"output folder {out_dir} holds another run ({', '.join(found)}); continue it with "
+                        "--resume or choose another --out")
+
+
+class _StopOnSignal:
+    """While active (main thread only), the first SIGINT / SIGTERM sets ``requested`` so that the
+    loop stops after the current step with a checkpoint; a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 class _Window:
@@ -209,19 +253,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _check_out_dir(self, resume: bool, rank: int) -> None:
+        """A fresh run needs an output folder without another run's outputs (see
+        :func:`check_run_dir`); a resumed one its ``last.pt``. Temp files of checkpoint writes
+        that a kill interrupted are removed."""
         msg = None
         if rank == 0:
-            if resume:
-                if not self.last_path.is_file():
-                    msg = f"cannot resume: checkpoint {self.last_path} does not exist"
-            elif self.ckpt_dir.is_dir():
-                found = sorted(p.name for p in self.ckpt_dir.glob("*.pt"))
-                if found:
-                    msg = (
-                        f"output directory {self.out_dir} already holds checkpoints "
-                        f"({', '.join(found)}); pass resume to continue that run or choose "
-                        "another output directory"
-                    )
+            try:
+                check_run_dir(self.out_dir, resume)
+            except DataError as exc:
+                msg = str(exc)
+            if self.ckpt_dir.is_dir():
+                for stale in self.ckpt_dir.glob(".*.pt.*.tmp"):
+                    stale.unlink(missing_ok=True)
         msg = broadcast_object(msg)
         if msg is not None:
             raise DataError(msg)
@@ -508,6 +551,13 @@ class Trainer:
             self._save(self.last_path, state)
 
     # ------------------------------------------------------------------ loop
+    def _stop_requested(self, stop: _StopOnSignal) -> bool:
+        """A SIGINT/SIGTERM arrived (on any rank: all ranks stop at the same step)."""
+        flag = torch.tensor([1.0 if stop.requested else 0.0])
+        if self._world > 1:
+            flag = all_reduce_mean(flag.to(self._device)).cpu()
+        return float(flag) > 0
+
     def fit(self, resume: bool = False) -> dict[str, float]:
         """Train for ``schedule.iters`` iterations (continuing ``checkpoints/last.pt`` when
         ``resume``); returns the final evaluation metrics (the last logged training scalars when
@@ -529,16 +579,25 @@ class Trainer:
                 iters = self._build_loaders(start, self._rank, self._world)
             self._train_models.train()
             window = _Window()
-            for step in range(start, max_steps):
-                t0 = time.perf_counter()
-                batch = {k: self._to_device(next(it)) for k, it in iters.items()}
-                losses, lr = self._train_step(step, batch)
-                window.add(losses, lr, t0)
-                done = step + 1
-                logger.advance(done)
-                self._maybe_log(done, window, logger)
-                new_best = self._maybe_evaluate(done, logger)
-                self._maybe_checkpoint(done, new_best)
+            with _StopOnSignal() as stop:
+                for step in range(start, max_steps):
+                    t0 = time.perf_counter()
+                    batch = {k: self._to_device(next(it)) for k, it in iters.items()}
+                    losses, lr = self._train_step(step, batch)
+                    window.add(losses, lr, t0)
+                    done = step + 1
+                    logger.advance(done)
+                    self._maybe_log(done, window, logger)
+                    new_best = self._maybe_evaluate(done, logger)
+                    self._maybe_checkpoint(done, new_best)
+                    if done < max_steps and self._stop_requested(stop):
+                        if done % self.cfg.ckpt_interval:  # not written by _maybe_checkpoint
+                            self._save(self.last_path, self._state(done, self._metrics))
+                        barrier()
+                        raise TrainingInterrupted(
+                            f"interrupted at step {done}/{max_steps}; {self.last_path} holds it: "
+                            f"continue with `semivss train CONFIG --resume` (same --out {self.out_dir})"
+                        )
             self._export(max_steps)
             barrier()
         finally:
@@ -560,4 +619,5 @@ class Trainer:
                 f"{k}={float(v.detach().float().mean()):.6g}" for k, v in losses.items()
             )
             where = f" (rank {self._rank})" if self._world > 1 else ""
-            raise TrainingError(f"non-finite loss at step {step}{where}: {terms}")
+            raise TrainingError(f"non-finite loss at step {step + 1}{where} (steps count from 1, as in "
+                                f"the logs): {terms}")

@@ -131,7 +131,7 @@ def write_submission(
                 path = out / ref.video / f"{stem}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 img = Image.fromarray(preds[j], mode="L")
-                atomic_write(path, lambda f, img=img: img.save(f, format="PNG"))
+                atomic_write(path, lambda f, img=img: img.save(f, format="PNG"), durable=False)
                 n += 1
             bar.advance(task, len(batch))
     return n

@@ -19,6 +19,7 @@ from semivss.inference.config import EvalConfig
 from semivss.inference.evaluate import make_progress
 from semivss.inference.predict import as_predictor
 from semivss.inference.video_predictor import VideoPredictor, run_videos
+from semivss.engine.checkpoint import atomic_write
 from semivss.inference.writers import Mp4Writer, check_new_output, overlay, save_label_png
 
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
@@ -164,7 +165,9 @@ def predict_source(
                 lab = preds[j].numpy()
                 save_label_png(labels_dir / f"{name}.png", lab, palette)
                 blend = overlay(frame, lab, palette, alpha)
-                Image.fromarray(blend).save(overlays_dir / f"{name}.jpg", quality=90)
+                jpg = Image.fromarray(blend)
+                atomic_write(overlays_dir / f"{name}.jpg", lambda f, jpg=jpg: jpg.save(f, format="JPEG", quality=90),
+                             durable=False)
                 if mp4.size is not None and mp4.size != (h, w):
                     blend = cv2.resize(blend, (mp4.size[1], mp4.size[0]),
                                        interpolation=cv2.INTER_AREA)

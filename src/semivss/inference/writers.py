@@ -3,6 +3,8 @@ docs/protocols.md#5-evaluation)."""
 
 from __future__ import annotations
 
+import os
+
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
@@ -12,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from semivss.engine.checkpoint import atomic_write
 from semivss.errors import DataError
 
 Palette = Any  # sequence of (r, g, b) per class, or a (C, 3) array
@@ -86,8 +89,7 @@ def save_label_png(path: str | Path, label: Any, palette: Palette) -> Path:
     arr = _label_array(label, len(np.asarray(palette)), str(path))
     img = Image.fromarray(arr)
     img.putpalette(lut.reshape(-1).tolist())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, format="PNG")
+    atomic_write(path, lambda f: img.save(f, format="PNG"), durable=False)  # never half-written
     return path
 
 
@@ -118,7 +120,9 @@ class Mp4Writer:
     """H.264 (libx264, yuv420p) mp4 writer; a context manager fed uint8 RGB (H, W, 3) frames.
 
     The size is fixed by the first frame; odd sizes are padded by one replicated row/column (yuv420p
-    needs even dimensions). The file is created on the first ``write``.
+    needs even dimensions). Frames are encoded into a temporary file beside ``path`` (created on
+    the first ``write``), renamed to ``path`` when the block ends without an error and removed
+    when it fails, so a failed run never leaves a plausible but truncated video.
     """
 
     def __init__(self, path: str | Path, fps: float = 10, crf: int = 23) -> None:
@@ -141,14 +145,24 @@ class Mp4Writer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close(keep=False)
+        except Exception:  # noqa: BLE001 - the original error matters, not the cleanup's
+            pass
+
+    @property
+    def _tmp(self) -> Path:
+        return self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
 
     def _open(self, h: int, w: int) -> None:
         import av
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.size = (h, w)
-        self._container = av.open(str(self.path), mode="w")
+        self._container = av.open(str(self._tmp), mode="w", format="mp4")
         stream = self._container.add_stream("libx264", rate=self.fps)
         stream.height = h + h % 2
         stream.width = w + w % 2
@@ -175,14 +189,20 @@ class Mp4Writer:
             self._container.mux(packet)
         self.n_frames += 1
 
-    def close(self) -> None:
-        """Flush the encoder and close the file (idempotent)."""
+    def close(self, keep: bool = True) -> None:
+        """Flush the encoder, close the file and move it to ``path`` (``keep=False``: delete it
+        instead). Idempotent."""
         if self._container is None:
             return
         try:
-            for packet in self._stream.encode():
-                self._container.mux(packet)
+            if keep:
+                for packet in self._stream.encode():
+                    self._container.mux(packet)
         finally:
             self._container.close()
             self._container = None
             self._stream = None
+            if keep:
+                os.replace(self._tmp, self.path)
+            else:
+                self._tmp.unlink(missing_ok=True)

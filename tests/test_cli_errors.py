@@ -1,0 +1,174 @@
+"""The command line's error boundary: anticipated failures (bad input, environment, resources) are
+one line `error: ...` with exit code 2 and no traceback; the user's files stay as they were."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from semivss.cli import main
+
+
+def run_main(argv: list, monkeypatch, capsys) -> tuple[int, str]:
+    monkeypatch.setattr("sys.argv", ["semivss", *[str(a) for a in argv]])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    cap = capsys.readouterr()
+    return code, cap.out + cap.err
+
+
+def one_line_error(code: int, out: str, *needles: str) -> None:
+    lines = [ln for ln in out.strip().splitlines() if ln.strip() and "━" not in ln]  # minus progress bars
+    assert code == 2, out
+    assert len(lines) == 1 and lines[0].startswith("error:"), out
+    assert "Traceback" not in out
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    from typer.testing import CliRunner
+
+    from semivss.cli import app
+
+    root = tmp_path_factory.mktemp("errs")
+    data = root / "synth"
+    runner = CliRunner()
+    res = runner.invoke(app, ["data", "synth", str(data), "--videos", "3", "--frames", "6", "--height", "32",
+                              "--width", "48", "--seed", "1"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    cfg = {"name": "t", "out_dir": str(root / "run"),
+           "data": {"format": "synthetic", "root": str(data), "split": {"mode": "single", "position": 2},
+                    "base_size": [32, 48], "crop_size": [32, 32], "batch_size": 2, "num_workers": 0},
+           "model": {"backbone": "mobilenet_v2", "pretrained": None}, "schedule": {"iters": 2},
+           "train": {"precision": "fp32", "log_interval": 1, "ckpt_interval": 2, "num_workers": 0},
+           "eval": {"size": [32, 48]}}
+    (root / "t.yaml").write_text(yaml.safe_dump(cfg))
+    res = runner.invoke(app, ["train", str(root / "t.yaml")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return {"root": root, "data": data, "cfg": root / "t.yaml", "model": root / "run" / "model.safetensors"}
+
+
+def test_version(monkeypatch, capsys) -> None:
+    from semivss import __version__
+
+    code, out = run_main(["--version"], monkeypatch, capsys)
+    assert code == 0 and out.strip() == f"semivss {__version__}"
+
+
+@pytest.mark.parametrize("device,needle", [("gpu", "expected auto, cpu, cuda"), ("cuda", "no CUDA device"),
+                                           ("cuda:7", "CUDA")])
+def test_bad_device(tiny, device, needle, monkeypatch, capsys) -> None:
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, out = run_main(["evaluate", tiny["model"], "--data", tiny["data"], "--format", "synthetic",
+                          "--device", device, "--out", tiny["root"] / "e"], monkeypatch, capsys)
+    one_line_error(code, out, f"--device {device}", needle)
+
+
+def _corrupt_models(root: Path, model: Path) -> dict[str, Path]:
+    data = model.read_bytes()
+    cases = {
+        "truncated.safetensors": data[: len(data) // 2],
+        "random.safetensors": os.urandom(4096),
+        "empty.pt": b"",
+        "random.pt": os.urandom(4096),
+    }
+    out = {}
+    for name, content in cases.items():
+        (root / name).write_bytes(content)
+        out[name] = root / name
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(root / "PWNED"),))
+
+    import torch
+
+    torch.save({"models": Evil()}, root / "evil.pt")
+    out["evil.pt"] = root / "evil.pt"
+    out["folder"] = root / "a_folder"
+    out["folder"].mkdir(exist_ok=True)
+    return out
+
+
+def test_corrupt_checkpoints_are_one_line_errors(tiny, tmp_path, monkeypatch, capsys) -> None:
+    for name, path in _corrupt_models(tmp_path, tiny["model"]).items():
+        before = path.read_bytes() if path.is_file() else None
+        code, out = run_main(["evaluate", path, "--data", tiny["data"], "--format", "synthetic",
+                              "--out", tmp_path / f"e-{name}"], monkeypatch, capsys)
+        one_line_error(code, out, str(path))
+        assert "weights_only=False" not in out and not (tmp_path / "PWNED").exists(), name
+        if before is not None:
+            assert path.read_bytes() == before
+    code, out = run_main(["evaluate", tmp_path / "empty.pt", "--data", tiny["data"], "--format", "synthetic",
+                          "--out", tmp_path / "e2"], monkeypatch, capsys)
+    assert "empty (0 bytes)" in out
+
+
+def test_bad_option_values_and_out_paths(tiny, tmp_path, monkeypatch, capsys) -> None:
+    code, out = run_main(["evaluate", tiny["model"], "--data", tiny["data"], "--format", "synthetic",
+                          "--offsets", "--label-every", "0", "--out", tmp_path / "e"], monkeypatch, capsys)
+    one_line_error(code, out, "k")
+    afile = tmp_path / "a_file"
+    afile.write_text("mine")
+    code, out = run_main(["evaluate", tiny["model"], "--data", tiny["data"], "--format", "synthetic",
+                          "--out", afile], monkeypatch, capsys)
+    one_line_error(code, out, str(afile))
+    assert afile.read_text() == "mine"
+
+
+def test_bad_frame_read_in_a_dataloader_worker_is_one_line(tiny, tmp_path, monkeypatch, capsys) -> None:
+    import shutil
+
+    data = tmp_path / "synth"
+    shutil.copytree(tiny["data"], data)
+    first = (data / "train.txt").read_text().split()[0]
+    bad = data / "videos" / first / "000002.png"  # the labeled frame (position 2) of a training video
+    bad.write_bytes(b"not a png")
+    cfg = yaml.safe_load(tiny["cfg"].read_text())
+    cfg["data"]["root"] = str(data)
+    cfg["out_dir"] = str(tmp_path / "run")
+    cfg["train"]["num_workers"] = 2
+    cfg["schedule"]["iters"] = 20
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    code, out = run_main(["train", tmp_path / "c.yaml"], monkeypatch, capsys)
+    one_line_error(code, out, "000002.png")
+
+
+def test_file_size_limit_while_writing_is_one_line(tiny, tmp_path) -> None:
+    """A write that the disk refuses (here RLIMIT_FSIZE, like a full disk) is one line, exit 2."""
+    script = textwrap.dedent(f"""
+        import resource, signal, sys
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (400, 400))
+        sys.argv = ["semivss", "predict", {str(tiny['model'])!r}, {str(tiny['data'] / 'videos')!r} + "/" +
+                    sorted(__import__('os').listdir({str(tiny['data'] / 'videos')!r}))[0], {str(tmp_path / 'p')!r}]
+        from semivss.cli import main
+        main()
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "300"})
+    out = res.stdout + res.stderr
+    one_line_error(res.returncode, out, "File too large", str(tmp_path / "p"))
+    assert not list((tmp_path / "p").rglob("*.tmp")) and not (tmp_path / "p" / "overlay.mp4").exists()
+
+
+def test_debug_shows_the_traceback(tiny, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.delenv("SEMIVSS_DEBUG", raising=False)
+    with pytest.raises(Exception, match="not found"):
+        run_main(["--debug", "evaluate", tmp_path / "nope.pt", "--data", tiny["data"], "--format", "synthetic"],
+                 monkeypatch, capsys)
+    os.environ.pop("SEMIVSS_DEBUG", None)
