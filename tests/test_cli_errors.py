@@ -121,7 +121,7 @@ def test_corrupt_checkpoints_are_one_line_errors(tiny, tmp_path, monkeypatch, ca
 def test_bad_option_values_and_out_paths(tiny, tmp_path, monkeypatch, capsys) -> None:
     code, out = run_main(["evaluate", tiny["model"], "--data", tiny["data"], "--format", "synthetic",
                           "--offsets", "--label-every", "0", "--out", tmp_path / "e"], monkeypatch, capsys)
-    one_line_error(code, out, "k")
+    one_line_error(code, out, "--label-every", "greater than or equal to 1")
     afile = tmp_path / "a_file"
     afile.write_text("mine")
     code, out = run_main(["evaluate", tiny["model"], "--data", tiny["data"], "--format", "synthetic",
@@ -141,7 +141,8 @@ def test_bad_frame_read_in_a_dataloader_worker_is_one_line(tiny, tmp_path, monke
     cfg = yaml.safe_load(tiny["cfg"].read_text())
     cfg["data"]["root"] = str(data)
     cfg["out_dir"] = str(tmp_path / "run")
-    cfg["train"]["num_workers"] = 2
+    cfg["data"]["num_workers"] = 2  # read by the trainer (train.num_workers is the old spelling)
+    del cfg["train"]["num_workers"]
     cfg["schedule"]["iters"] = 20
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     code, out = run_main(["train", tmp_path / "c.yaml"], monkeypatch, capsys)
@@ -172,3 +173,34 @@ def test_debug_shows_the_traceback(tiny, tmp_path, monkeypatch, capsys) -> None:
         run_main(["--debug", "evaluate", tmp_path / "nope.pt", "--data", tiny["data"], "--format", "synthetic"],
                  monkeypatch, capsys)
     os.environ.pop("SEMIVSS_DEBUG", None)
+
+
+def test_data_num_workers_is_read_and_must_agree_with_the_old_key(tiny, tmp_path) -> None:
+    from semivss.config import load_config
+    from semivss.errors import ConfigError
+    from semivss.experiment import _train_section
+
+    cfg = load_config(tiny["cfg"], ["data.num_workers=3"])  # the fixture sets both keys to 0
+    with pytest.raises(ConfigError, match="data.num_workers .3. and train.num_workers .0. disagree"):
+        _train_section(cfg)
+    raw = yaml.safe_load(tiny["cfg"].read_text())
+    del raw["train"]["num_workers"]
+    raw["data"]["num_workers"] = 3
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert _train_section(load_config(tmp_path / "c.yaml")).num_workers == 3
+
+
+def test_offsets_default_to_the_labeled_frame_rule_the_model_was_trained_with(tiny, tmp_path, monkeypatch,
+                                                                                capsys) -> None:
+    import json
+
+    code, out = run_main(["evaluate", tiny["model"], "--data", tiny["data"], "--format", "synthetic",
+                          "--offsets", "--out", tmp_path / "e"], monkeypatch, capsys)
+    assert code == 0, out
+    rows = json.loads((tmp_path / "e" / "offsets.json").read_text())
+    # trained with one labeled frame at position 2 of 6-frame videos: offsets -2..+3
+    assert sorted({r["offset"] for r in rows}) == [-2, -1, 0, 1, 2, 3]
+    code, out = run_main(["evaluate", tiny["model"], "--data", tiny["data"], "--format", "synthetic",
+                          "--offsets", "--label-every", "0", "--label-position", "1", "--out", tmp_path / "f"],
+                         monkeypatch, capsys)
+    one_line_error(code, out, "not both")

@@ -178,6 +178,29 @@ def _video_predictor(
     return TemporalSmoothing(predictor, smooth)
 
 
+def _label_rule(label_every: Optional[int], label_position: Optional[int], meta: dict, ckpt: Path) -> Any:
+    """The labeled-frame rule: --label-every k / --label-position p, else the rule the checkpoint
+    was trained with (its ``data.split``)."""
+    from pydantic import ValidationError
+
+    from semivss.data.config import SplitConfig
+
+    if label_every is not None and label_position is not None:
+        raise SemivssError("give --label-every or --label-position, not both")
+    try:
+        if label_every is not None:
+            return SplitConfig(mode="every_kth", k=label_every)
+        if label_position is not None:
+            return SplitConfig(mode="single", position=label_position)
+    except ValidationError as exc:
+        opt = "--label-every" if label_every is not None else "--label-position"
+        raise SemivssError(f"{opt}: {exc.errors()[0]['msg']}") from None
+    trained = ((meta.get("experiment") or {}).get("data") or {}).get("split")
+    if trained is None:
+        raise SemivssError(f"{ckpt} does not record its label-ratio rule; give --label-every or --label-position")
+    return SplitConfig(**trained)
+
+
 def _load_set(fmt: str, data: Path, split: str, label_map: Optional[Path], meta: dict, ckpt: Path) -> Any:
     """The video set to score or label, read through ``label_map`` (the lookup table of
     ``data.label_map``); its classes must match the checkpoint's."""
@@ -236,7 +259,8 @@ def evaluate_cmd(
     out: Optional[Path] = typer.Option(None, help="Output folder (default: next to the checkpoint)."),
     offsets: bool = typer.Option(False, "--offsets", help="Inner-video offset analysis (docs/methods.md#10-inner-video-overfitting)."),
     train_split: str = typer.Option("train", help="Training split for the offset analysis."),
-    label_every: int = typer.Option(8, help="Offset analysis: labeled positions p % k == k // 2."),
+    label_every: Optional[int] = typer.Option(None, help="Offset analysis: labeled positions p % k == k // 2 "
+                                               "(default: the rule the model was trained with)."),
     label_position: Optional[int] = typer.Option(None, help="Offset analysis: one labeled frame per video at this position."),
     save_preds: bool = typer.Option(False, help="Write prediction PNGs (values 0..C-1) for every frame."),
     label_map: Optional[Path] = typer.Option(None, "--label-map", help=LABEL_MAP_HELP),
@@ -253,7 +277,6 @@ def evaluate_cmd(
     overwrite: bool = typer.Option(False, help="Allow writing into a non-empty output folder."),
 ) -> None:
     """Score a trained model or an ensemble: mIoU, per-class IoU, fwIoU, pixel accuracy, VC8/VC16 (+ offsets)."""
-    from semivss.data.config import SplitConfig
     from semivss.experiment import labeled_offsets
     from semivss.inference.evaluate import evaluate
 
@@ -265,13 +288,9 @@ def evaluate_cmd(
     if len(predictor.members) > 1 or predictor.members[0].cfg.scales != (1.0,) or predictor.members[0].cfg.flip:
         console.print("inference:\n" + _describe(predictor))
     out = _fresh_dir(out or checkpoint.parent.parent / f"eval-{split}", overwrite)
-    rule = None
-    if offsets:
-        rule = (
-            SplitConfig(mode="single", position=label_position)
-            if label_position is not None
-            else SplitConfig(mode="every_kth", k=label_every)
-        )
+    rule = _label_rule(label_every, label_position, metas[0], checkpoint) if offsets else None
+    if rule is not None:
+        console.print(f"offsets from the labeled frames of rule {rule.model_dump(mode='json')}")
     # The evaluated split is scored once; its per-frame results also feed the offset analysis.
     eval_offsets = labeled_offsets(videoset, rule) if rule else None
     video_predictor = _video_predictor(predictor, int(metas[0]["num_classes"]), smooth, keyframe_interval,
@@ -425,15 +444,7 @@ def pseudo_label_cmd(
         if all_frames:
             frames, rule_dump = videoset.frames(), "all frames"
         else:
-            if label_every is not None:
-                rule = SplitConfig(mode="every_kth", k=label_every)
-            elif label_position is not None:
-                rule = SplitConfig(mode="single", position=label_position)
-            else:
-                trained = ((metas[0].get("experiment") or {}).get("data") or {}).get("split")
-                if trained is None:
-                    raise SemivssError(f"{checkpoint} does not record its label-ratio rule; give --label-every, --label-position or --all-frames")
-                rule = SplitConfig(**trained)
+            rule = _label_rule(label_every, label_position, metas[0], checkpoint)
             frames, rule_dump = build_split(rule, videoset).unlabeled, rule.model_dump(mode="json")
         if not frames:
             raise SemivssError(f"{data} ({split}): no unlabeled frames under {rule_dump}")

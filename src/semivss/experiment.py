@@ -92,13 +92,26 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> dict[str, float]:
         sizes,
         optim=cfg.optim,
         schedule=cfg.schedule,
-        train=cfg.train,
+        train=_train_section(cfg),
         out_dir=out_dir,
         evaluate_fn=evaluate_fn,
         metric="mIoU",
         meta=make_meta(cfg, train_set),
     )
     return trainer.fit(resume=resume)
+
+
+def _train_section(cfg: ExperimentConfig) -> Any:
+    """``cfg.train`` with the data-loading workers of ``data.num_workers`` (the documented key);
+    ``train.num_workers`` is its older spelling and must agree when both are given."""
+    data_set = "num_workers" in cfg.data.model_fields_set
+    train_set = "num_workers" in cfg.train.model_fields_set
+    if data_set and train_set and cfg.data.num_workers != cfg.train.num_workers:
+        raise ConfigError(f"data.num_workers ({cfg.data.num_workers}) and train.num_workers "
+                          f"({cfg.train.num_workers}) disagree; give data.num_workers only")
+    if train_set and not data_set:
+        return cfg.train
+    return cfg.train.model_copy(update={"num_workers": cfg.data.num_workers})
 
 
 def load_trained_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
