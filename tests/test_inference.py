@@ -479,3 +479,17 @@ def test_evaluate_videoset_offsets_and_outputs(tmp_path: Path) -> None:
                     progress=False)
     assert res2["n_frames"] == 19 and 0.0 < res2["mIoU"] <= 1.0
     assert res2.metrics["vc_windows"][2] == 15  # a batch spanning both videos keeps VC per video
+
+
+def test_class_argmax_equals_argmax_including_ties_and_layouts() -> None:
+    from semivss.ops import class_argmax
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 3, (2, 5, 7, 9), generator=g).float()  # many ties: the first maximum wins
+    assert torch.equal(class_argmax(x), x.argmax(1))
+    assert torch.equal(class_argmax(x.contiguous(memory_format=torch.channels_last)), x.argmax(1))
+    y = torch.randn(3, 11, 16, 20, generator=g).bfloat16()
+    assert torch.equal(class_argmax(y), y.argmax(1))
+    tie = torch.zeros(1, 4, 1, 1)
+    tie[0, 1] = tie[0, 3] = 1.0
+    assert class_argmax(tie).item() == 1

@@ -187,7 +187,7 @@ def test_registered_method_is_valid_in_configs() -> None:
         assert build_method("doubled", cfg.method_params, 4).cfg.factor == 3
         with pytest.raises(ConfigError, match=r"method\.factr"):
             parse_config({**raw, "method": {"name": "doubled", "factr": 3}})
-        with pytest.raises(ConfigError, match="available: cac, cps, doubled, ifr"):
+        with pytest.raises(ConfigError, match="available: accel, cac, cps, doubled, ifr"):
             parse_config({**raw, "method": {"name": "tripled"}})
     finally:
         METHODS.unregister("doubled")

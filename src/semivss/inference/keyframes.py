@@ -24,7 +24,7 @@ from semivss.inference.config import EvalConfig
 from semivss.inference.predict import eval_mode
 from semivss.models.accel import AccelNet
 from semivss.models.flow import FlowEstimator, invalid_share, warp
-from semivss.ops import resize
+from semivss.ops import class_argmax, resize
 
 __all__ = ["KeyframePredictor"]
 
@@ -167,7 +167,7 @@ class KeyframePredictor:
             labels, probs = [], []
             for j in range(logits.shape[0]):  # per frame: bounded temporaries at the output size
                 up = resize(logits[j : j + 1], out_size)
-                labels.append(up.argmax(1))
+                labels.append(class_argmax(up))
                 if with_probs:
                     probs.append(torch.softmax(up, dim=1))
             self.frames += images.shape[0]

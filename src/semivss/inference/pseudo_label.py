@@ -34,6 +34,7 @@ from semivss.inference.evaluate import make_progress
 from semivss.inference.predict import ProbFn
 from semivss.inference.video_predictor import VideoPredictor, frames_until_last, run_videos
 from semivss.inference.writers import OutputExistsError
+from semivss.ops import class_argmax
 
 __all__ = [
     "FORMAT",
@@ -286,7 +287,7 @@ class _ProbFnPredictor:
              with_probs: bool = False) -> tuple[Tensor, Tensor | None]:
         with torch.inference_mode():
             probs = self.fn(images, out_size)
-            return probs.argmax(1), probs
+            return class_argmax(probs), probs
 
 
 # ----------------------------------------------------------------------------- main loop

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from semivss.errors import ConfigError
+from semivss.ops import class_argmax
 
 __all__ = ["TemporalSmoothing", "VideoPredictor", "frames_until_last", "run_videos"]
 
@@ -90,7 +91,7 @@ class TemporalSmoothing:
                 cur = (1.0 - m) * cur + m * prev
             out[j] = cur
             self._state = cur
-        return out.argmax(1), out if with_probs else None
+        return class_argmax(out), out if with_probs else None
 
 
 def frames_until_last(videoset: Any, frames: Iterable[Any]) -> list[Any]:
