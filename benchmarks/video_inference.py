@@ -3,9 +3,10 @@
 For each row the annotated frames of a split are predicted video by video, in order, and scored
 (mIoU, fwIoU, VC8, VC16); frames/s counts only the predictor's own work (frames are read and
 resized beforehand by the evaluation loop, outside the timer). Rows: the per-frame reference
-network, the per-frame update branch (the reference's input scaled by ``update_scale``), and
+network, the per-frame update branch (the reference's input scaled by ``update_scale``),
 Accel with key frames every K frames for each ``--intervals`` K, with its time split into
-reference, flow, warp, update and fusion. A warm-up pass runs first.
+reference, flow, warp, update and fusion, and the reference propagated along the flow without an
+update branch (K > 1), which shows what the update branch and fusion add. A warm-up pass runs first.
 
     python benchmarks/video_inference.py runs/camvid-ssvs-1-8-accel/model.safetensors \\
         --data ../shared/data/camvid --format camvid --split val --out results/benchmarks/video_inference-camvid.json
@@ -100,8 +101,13 @@ def main(argv: list[str] | None = None) -> int:
         ("per-frame reference", lambda: Predictor.single(net.reference, cfg)),
         (f"per-frame update (x{net.update_scale:g} input)", lambda: Predictor.single(UpdateOnly(), cfg)),
     ]
+    warp_only = AccelNet(net.reference, None, net.num_classes, flow=flow_name)
     for k in intervals:
         rows.append((f"Accel K={k}", lambda k=k: KeyframePredictor(net, cfg, build_flow(flow_name), k)))
+    for k in intervals:
+        if k > 1:  # the reference warped along the flow, no update branch (what fusion adds to)
+            rows.append((f"reference + flow K={k}",
+                         lambda k=k: KeyframePredictor(warp_only, cfg, build_flow(flow_name), k)))
 
     def run(make: Any, subset: list[Any]) -> tuple[Any, Timed]:
         timed = Timed(make())
