@@ -204,3 +204,106 @@ def test_offsets_default_to_the_labeled_frame_rule_the_model_was_trained_with(ti
                           "--offsets", "--label-every", "0", "--label-position", "1", "--out", tmp_path / "f"],
                          monkeypatch, capsys)
     one_line_error(code, out, "not both")
+
+
+def test_overwrite_replaces_the_whole_output_folder(tiny, tmp_path, monkeypatch, capsys) -> None:
+    e = tmp_path / "e"
+    base = ["evaluate", tiny["model"], "--data", tiny["data"], "--format", "synthetic", "--out", e]
+    code, out = run_main([*base, "--offsets", "--save-preds"], monkeypatch, capsys)
+    assert code == 0, out
+    before = sorted(p.relative_to(e) for p in e.rglob("*"))
+    assert Path("offsets.json") in before and Path("preds") in before
+    code, out = run_main(base, monkeypatch, capsys)  # no --overwrite: refused, nothing touched
+    one_line_error(code, out, str(e), "--overwrite")
+    assert sorted(p.relative_to(e) for p in e.rglob("*")) == before
+    code, out = run_main([*base, "--overwrite"], monkeypatch, capsys)
+    assert code == 0, out
+    assert sorted(p.name for p in e.iterdir()) == ["metrics.json"]  # old offsets and preds are gone
+    assert not list(tmp_path.glob("e.*"))  # no staging or old folders left beside it
+
+
+def test_failed_predict_leaves_nothing_and_does_not_block_the_rerun(tiny, tmp_path, monkeypatch, capsys) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    p = tmp_path / "p"
+    code, out = run_main(["predict", tiny["model"], empty, p], monkeypatch, capsys)
+    one_line_error(code, out, str(empty))
+    assert not p.exists() and not list(tmp_path.glob("p.*"))
+    video = tiny["data"] / "videos" / sorted(os.listdir(tiny["data"] / "videos"))[0]
+    code, out = run_main(["predict", tiny["model"], video, p], monkeypatch, capsys)  # same OUT, no --overwrite
+    assert code == 0, out
+    mp4 = p / "overlay.mp4"
+    data = mp4.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: int(len(data) * 0.6)])  # a truncated video
+    q = tmp_path / "q"
+    code, out = run_main(["predict", tiny["model"], cut, q], monkeypatch, capsys)
+    one_line_error(code, out, str(cut))
+    assert not q.exists() and not list(tmp_path.glob("q.*"))
+
+
+def test_staged_dir_removes_the_leftovers_of_killed_runs_only(tmp_path) -> None:
+    from semivss.inference.writers import staged_dir
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    stale = tmp_path / f"out.partial-{dead}"
+    (stale / "labels").mkdir(parents=True)
+    live = tmp_path / f"out.partial-{os.getppid()}"  # a running process (pytest's parent) still writes it
+    live.mkdir()
+    with staged_dir(tmp_path / "out") as stage:
+        (stage / "x.txt").write_text("new")
+    assert not stale.exists() and live.exists()
+    assert (tmp_path / "out" / "x.txt").read_text() == "new"
+    with pytest.raises(RuntimeError), staged_dir(tmp_path / "out2") as stage:
+        (stage / "half.png").write_bytes(b"")
+        raise RuntimeError("boom")
+    assert not (tmp_path / "out2").exists() and not list(tmp_path.glob("out2.*"))
+
+
+def test_resume_refuses_changed_settings_and_applies_safe_ones(tiny, tmp_path, monkeypatch, capsys) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny["model"].parent, run)
+    cfg = yaml.safe_load(tiny["cfg"].read_text())
+    cfg["out_dir"] = str(run)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    code, out = run_main(["train", tmp_path / "c.yaml", "--resume", "--set", "optim.lr=0.5",
+                          "--set", "schedule.iters=4"], monkeypatch, capsys)
+    one_line_error(code, out, f"cannot resume {run}", "optim.lr (0.01 -> 0.5)", "schedule.iters (2 -> 4)")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing written
+    code, out = run_main(["train", tmp_path / "c.yaml", "--resume", "--set", "method.name=unimatch"],
+                         monkeypatch, capsys)
+    one_line_error(code, out, "method.name ('supervised' -> 'unimatch')")
+    # the cadence of logs and checkpoints may change: applied and recorded
+    code, out = run_main(["train", tmp_path / "c.yaml", "--resume", "--set", "train.log_interval=5"],
+                         monkeypatch, capsys)
+    assert code == 0, out
+    assert yaml.safe_load((run / "config.resumed.yaml").read_text())["train"]["log_interval"] == 5
+
+
+@pytest.mark.parametrize("which", ["val", "unlabeled"])
+def test_bad_frames_are_found_before_the_first_iteration(tiny, tmp_path, monkeypatch, capsys, which) -> None:
+    """A truncated validation frame or a corrupt unlabeled frame stops the run before it trains
+    (no checkpoint, no config written), naming the file."""
+    import shutil
+
+    data = tmp_path / "synth"
+    shutil.copytree(tiny["data"], data)
+    split = "val.txt" if which == "val" else "train.txt"
+    video = (data / split).read_text().split()[0]
+    bad = data / "videos" / video / ("000003.png" if which == "val" else "000005.png")
+    if which == "val":
+        bad.write_bytes(bad.read_bytes()[:40])  # truncated: its header survives, its pixels do not
+    else:
+        bad.write_bytes(b"not a png")
+    cfg = yaml.safe_load(tiny["cfg"].read_text())
+    cfg["data"]["root"] = str(data)
+    cfg["out_dir"] = str(tmp_path / "run")
+    cfg["schedule"]["iters"] = 50
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    code, out = run_main(["train", tmp_path / "c.yaml"], monkeypatch, capsys)
+    one_line_error(code, out, str(bad))
+    assert not (tmp_path / "run").exists()

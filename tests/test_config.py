@@ -169,3 +169,31 @@ def test_overrides_parse_yaml_values(tmp_path: Path) -> None:
 def test_missing_file() -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_config("no/such/file.yaml")
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("schedule.iters=true", "'schedule.iters': expected a number, got the boolean True"),
+    ("optim.lr='0.01'", "'optim.lr': expected a number, got the string '0.01'"),
+    ("schedule.iters=1.5", "'schedule.iters': expected an integer, got 1.5"),
+    ("data.crop_size=[240, '320']", "'data.crop_size': expected a number, got the string '320'"),
+    ("method.name=unimatch", None),
+])
+def test_numbers_are_not_coerced_from_bools_or_strings(tmp_path: Path, override: str, message: str | None) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {format: synthetic, root: x}\n")
+    if message is None:
+        load_config(path, [override])
+        return
+    with pytest.raises(ConfigError) as info:
+        load_config(path, [override])
+    assert message in str(info.value) and str(path) in str(info.value)
+
+
+def test_yaml_exponent_floats_are_numbers(tmp_path: Path) -> None:
+    """PyYAML's YAML 1.1 rules read ``1e-4`` as a string; configs read it as YAML 1.2 does."""
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {format: synthetic, root: x}\noptim: {lr: 1e-4, weight_decay: 5E-4}\n"
+                    "schedule: {iters: 1_000}\n")
+    cfg = load_config(path, ["optim.momentum=.5"])
+    assert cfg.optim.lr == 1e-4 and cfg.optim.weight_decay == 5e-4 and cfg.optim.momentum == 0.5
+    assert cfg.schedule.iters == 1000 and cfg.optim.name == "sgd"  # strings stay strings

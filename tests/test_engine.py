@@ -472,3 +472,13 @@ def test_tune_malloc_reuses_freed_activation_buffers() -> None:
     assert tuned is not None
     assert all(s["mmapped_live"] < mib256 and s["heap_free"] >= mib256 for s in tuned)
     assert tuned[-1]["heap"] == tuned[-2]["heap"]  # the kept block is reused, not added to
+
+
+def test_eval_line_shows_uncomputable_metrics_as_a_dash(tmp_path: Path, capsys) -> None:
+    from semivss.engine.logger import TrainLogger
+
+    log = TrainLogger(tmp_path, total_steps=10, tensorboard=False, progress=False)
+    log.log_eval(5, {"mIoU": 0.51234, "VC16": float("nan")})
+    log.close()
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line == "[semivss] eval @ 5: mIoU 0.5123 VC16 -"

@@ -479,3 +479,25 @@ def test_cli_evaluate_reads_labels_through_a_label_map(tiny) -> None:
     res = run_eval(tiny["root"] / "lm2", ["--label-map", fewer])
     assert res.exit_code != 0
     assert f"predicts {len(classes)} classes" in str(res.exception) and "has 2" in str(res.exception)
+
+
+def test_cli_resume_refuses_a_replaced_model_file(tiny, tmp_path) -> None:
+    """Models are identified by content, not path: a checkpoint file replaced between runs would
+    otherwise make one set from two models, marked complete."""
+    import shutil
+
+    from semivss.cli import app
+
+    runner = CliRunner()
+    model = tmp_path / "model.safetensors"
+    shutil.copyfile(tiny["random"], model)
+    args = [str(a) for a in ["pseudo-label", model, "--data", tiny["data"], "--format", "synthetic",
+                             "--split", "train", "--out", tmp_path / "set"]]
+    res = runner.invoke(app, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((tmp_path / "set" / "manifest.json").read_text())
+    assert len(manifest["models"][0]["sha256"]) == 64
+    shutil.copyfile(tiny["trained"], model)  # same path, other weights
+    res = runner.invoke(app, args + ["--resume"])
+    assert res.exit_code != 0 and "sha256" in str(res.exception) and "manifest.json" in str(res.exception)
+    assert json.loads((tmp_path / "set" / "manifest.json").read_text()) == manifest

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Optional
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -220,12 +222,16 @@ def _load_set(fmt: str, data: Path, split: str, label_map: Optional[Path], meta:
     return videoset
 
 
-def _fresh_dir(path: Path, overwrite: bool) -> Path:
-    """Create an output folder; refuse to reuse a non-empty one unless ``overwrite``."""
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise SemivssError(f"output folder {path} exists and is not empty; pass --overwrite or choose another")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+@contextlib.contextmanager
+def _writing_into(folder: Path) -> Iterator[None]:
+    """OS errors without a file name (a full disk under a library's own writer: TensorBoard, csv)
+    name the output folder the command was writing into."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno is not None and not exc.filename:
+            exc.filename = str(folder)
+        raise
 
 
 @app.command()
@@ -243,7 +249,8 @@ def train(
     cfg = load_config(config, overrides)
     from semivss.engine.dist import is_main
 
-    metrics = run_train(cfg, resume=resume)
+    with _writing_into(Path(cfg.out_dir)):
+        metrics = run_train(cfg, resume=resume)
     if metrics and is_main():
         console.print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
 
@@ -263,6 +270,9 @@ def evaluate_cmd(
                                                "(default: the rule the model was trained with)."),
     label_position: Optional[int] = typer.Option(None, help="Offset analysis: one labeled frame per video at this position."),
     save_preds: bool = typer.Option(False, help="Write prediction PNGs (values 0..C-1) for every frame."),
+    save_stills: int = typer.Option(0, "--save-stills", min=0, help="Write N stills (image | ground truth | "
+                                    "prediction | errors) of frames spread over the split into OUT/stills "
+                                    "(shown by `semivss report`)."),
     label_map: Optional[Path] = typer.Option(None, "--label-map", help=LABEL_MAP_HELP),
     ensemble: list[Path] = typer.Option([], "--ensemble", help=ENSEMBLE_HELP),
     weights: Optional[str] = typer.Option(None, help=WEIGHTS_HELP),
@@ -287,32 +297,38 @@ def evaluate_cmd(
     videoset = _load_set(fmt, data, split, label_map, metas[0], checkpoint)
     if len(predictor.members) > 1 or predictor.members[0].cfg.scales != (1.0,) or predictor.members[0].cfg.flip:
         console.print("inference:\n" + _describe(predictor))
-    out = _fresh_dir(out or checkpoint.parent.parent / f"eval-{split}", overwrite)
+    from semivss.inference.writers import staged_dir
+
+    final = out or checkpoint.parent.parent / f"eval-{split}"
     rule = _label_rule(label_every, label_position, metas[0], checkpoint) if offsets else None
     if rule is not None:
         console.print(f"offsets from the labeled frames of rule {rule.model_dump(mode='json')}")
-    # The evaluated split is scored once; its per-frame results also feed the offset analysis.
-    eval_offsets = labeled_offsets(videoset, rule) if rule else None
-    video_predictor = _video_predictor(predictor, int(metas[0]["num_classes"]), smooth, keyframe_interval,
-                                       flow, keyframe_max_flow, keyframe_max_invalid)
-    result = evaluate(
-        video_predictor, videoset, videoset.annotated(), ecfg, dev, offsets=eval_offsets,
-        save_dir=out / "preds" if save_preds else None,
-    )
-    console.print(result.table(title=f"{checkpoint.name} on {data.name} ({split} split)"))
-    result.to_json(out / "metrics.json")
-    console.print(f"metrics -> {out / 'metrics.json'}")
-    if rule is not None:
-        from semivss.metrics.offset import offset_table_text, plot_offsets, save_offset_tables
+    # Everything is written into a temporary sibling folder that replaces `final` at the end.
+    with _writing_into(final), staged_dir(final, overwrite) as stage:
+        # The evaluated split is scored once; its per-frame results also feed the offset analysis.
+        eval_offsets = labeled_offsets(videoset, rule) if rule else None
+        video_predictor = _video_predictor(predictor, int(metas[0]["num_classes"]), smooth, keyframe_interval,
+                                           flow, keyframe_max_flow, keyframe_max_invalid)
+        result = evaluate(
+            video_predictor, videoset, videoset.annotated(), ecfg, dev, offsets=eval_offsets,
+            save_dir=stage / "preds" if save_preds else None,
+            stills=save_stills, stills_dir=stage / "stills",
+        )
+        console.print(result.table(title=f"{checkpoint.name} on {data.name} ({split} split)"))
+        result.to_json(stage / "metrics.json")
+        if rule is not None:
+            from semivss.metrics.offset import offset_table_text, plot_offsets, save_offset_tables
 
-        train_set = _load_set(fmt, data, train_split, label_map, metas[0], checkpoint)
-        train_res = evaluate(video_predictor, train_set, train_set.annotated(), ecfg, dev,
-                             offsets=labeled_offsets(train_set, rule))
-        tables = {f"train videos ({train_split})": train_res.offsets, f"held-out videos ({split})": result.offsets}
-        typer.echo(offset_table_text(tables))
-        save_offset_tables(tables, out / "offsets.json")
-        plot_offsets(tables, out / "offsets.png", title=f"mIoU by offset from the labeled frame ({checkpoint.name})")
-        console.print(f"offset analysis -> {out / 'offsets.json'}, {out / 'offsets.png'}")
+            train_set = _load_set(fmt, data, train_split, label_map, metas[0], checkpoint)
+            train_res = evaluate(video_predictor, train_set, train_set.annotated(), ecfg, dev,
+                                 offsets=labeled_offsets(train_set, rule))
+            tables = {f"train videos ({train_split})": train_res.offsets, f"held-out videos ({split})": result.offsets}
+            typer.echo(offset_table_text(tables))
+            save_offset_tables(tables, stage / "offsets.json")
+            plot_offsets(tables, stage / "offsets.png", title=f"mIoU by offset from the labeled frame ({checkpoint.name})")
+    console.print(f"metrics -> {final / 'metrics.json'}")
+    if rule is not None:
+        console.print(f"offset analysis -> {final / 'offsets.json'}, {final / 'offsets.png'}")
 
 
 @app.command()
@@ -344,6 +360,7 @@ def predict(
     import numpy as np
 
     from semivss.inference.video import predict_source
+    from semivss.inference.writers import staged_dir
 
     if out_format not in ("overlay", "vspw-submission"):
         raise SemivssError(f"--format must be overlay or vspw-submission, got {out_format!r}")
@@ -353,20 +370,22 @@ def predict(
     ecfg = predictor.members[0].cfg
     if out_format == "vspw-submission":
         from semivss.inference.score import write_submission
-        from semivss.inference.writers import check_new_output
 
         videoset = _load_set("vspw", source, split, None, metas[0], checkpoint)
-        target = check_new_output(out, overwrite)
         vp = _video_predictor(predictor, int(metas[0]["num_classes"]), smooth, keyframe_interval,
                               flow, keyframe_max_flow, keyframe_max_invalid)
-        n = write_submission(vp, videoset, target, ecfg, dev)
-        console.print(f"{n} frames of {len(videoset.videos)} videos -> {target}/<video>/<frame>.png")
+        with _writing_into(out), staged_dir(out, overwrite) as stage:
+            n = write_submission(vp, videoset, stage, ecfg, dev)
+        console.print(f"{n} frames of {len(videoset.videos)} videos -> {out}/<video>/<frame>.png")
         return
     palette = np.asarray(metas[0]["palette"], dtype=np.uint8)
     video_predictor = _video_predictor(predictor, int(metas[0]["num_classes"]), smooth, keyframe_interval,
                                        flow, keyframe_max_flow, keyframe_max_invalid)
-    summary = predict_source(video_predictor, source, out, palette, ecfg, dev,
-                             fps=fps, overwrite=overwrite)
+    # Written into a temporary sibling folder that replaces OUT only when every frame succeeded.
+    with _writing_into(out), staged_dir(out, overwrite) as stage:
+        summary = predict_source(video_predictor, source, stage, palette, ecfg, dev, fps=fps, overwrite=True)
+    summary = {k: (str(out / Path(v).relative_to(stage)) if isinstance(v, str) and v.startswith(str(stage)) else v)
+               for k, v in summary.items()}
     console.print(summary)
 
 
@@ -450,22 +469,26 @@ def pseudo_label_cmd(
             raise SemivssError(f"{data} ({split}): no unlabeled frames under {rule_dump}")
         first = predictor.members[0].cfg
 
+        from semivss.results import file_sha256
+
         def settings(cfg) -> dict:  # what shapes the outputs (not batch_size / vc)
             return cfg.model_dump(mode="json", exclude={"batch_size", "vc"})
 
         manifest = make_manifest(
             dataset={"format": fmt, "root": str(data.resolve()), "split": split, "labeled": rule_dump},
             classes=[str(c) for c in metas[0]["classes"]],
-            models=[{"path": str(Path(m.name).resolve()), "weight": m.weight, "eval": settings(m.cfg)}
-                    for m in predictor.members],
+            # the content hash tells a replaced checkpoint file from the one the set was made with
+            models=[{"path": str(Path(m.name).resolve()), "sha256": file_sha256(Path(m.name)), "weight": m.weight,
+                     "eval": settings(m.cfg)} for m in predictor.members],
             scales=first.scales, flip=first.flip, eval_cfg=settings(first), frames=frames,
         )
         if dist.is_main():
             console.print(f"pseudo-labelling {len(frames)} frames of {data} ({split}) with:\n" + _describe(predictor))
-        counts = pseudo_label(
-            predictor, videoset, frames, out, videoset.num_classes, manifest, resume=resume, overwrite=overwrite,
-            device=dev, batch_size=first.batch_size, num_workers=workers,
-        )
+        with _writing_into(out):
+            counts = pseudo_label(
+                predictor, videoset, frames, out, videoset.num_classes, manifest, resume=resume,
+                overwrite=overwrite, device=dev, batch_size=first.batch_size, num_workers=workers,
+            )
         if dist.is_main():
             console.print(counts)
             console.print(f"pseudo-labels -> {out}")
@@ -568,6 +591,24 @@ def compare_cmd(
     if out is not None:
         atomic_write(out, lambda f: f.write((text + "\n").encode()))
         console.print(f"table -> {out}")
+
+
+@app.command("report")
+def report_cmd(
+    sources: list[Path] = typer.Argument(..., metavar="RUN_OR_EVAL",
+                                         help="Training run folders (config.yaml, metrics.csv, eval-*/) "
+                                         "or evaluation folders (metrics.json); the first is the baseline."),
+    out: Path = typer.Option(..., "--out", help="HTML file to write (one self-contained file)."),
+    name: list[str] = typer.Option([], "--name", help="Name of each run, in order (default: its run folder)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --out file."),
+) -> None:
+    """One self-contained HTML report: metrics, per-class IoU, training and offset curves,
+    confusion matrix, stills and config of one run, or of several runs side by side."""
+    from semivss.report import write_report
+
+    path = write_report(sources, out, names=name or None, overwrite=overwrite,
+                        log=lambda msg: typer.echo(msg, err=True))
+    console.print(f"report -> {path}")
 
 
 @results_app.command("add")

@@ -15,6 +15,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from semivss.sections import Section, load_yaml
+
 from semivss.data.config import DataConfig
 from semivss.engine.config import OptimConfig, ScheduleConfig, TrainConfig
 from semivss.errors import ConfigError
@@ -22,7 +24,7 @@ from semivss.inference.config import EvalConfig
 from semivss.models.config import ModelConfig
 
 
-class ExperimentConfig(BaseModel):
+class ExperimentConfig(Section):
     """A whole experiment: data, model, method, optimiser, schedule, training and evaluation."""
 
     model_config = ConfigDict(extra="forbid")
@@ -61,15 +63,29 @@ class ExperimentConfig(BaseModel):
         return {k: v for k, v in self.method.items() if k != "name"}
 
 
+def yaml_reason(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: its problem and where (line and column, 1-based)."""
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc)
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(f"{problem}{where}".split())
+
+
+def _printable(text: str) -> str:
+    """A key as one line: control characters escaped (``\n`` stays visible, never a line break)."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 def _format_errors(exc: ValidationError, prefix: str = "") -> str:
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
+        loc = ".".join(_printable(str(p)) for p in err["loc"])
         key = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
         if err["type"] == "extra_forbidden":
             lines.append(f"unknown key '{key}'")
         else:
-            lines.append(f"'{key}': {err['msg']}")
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            lines.append(f"'{key}': {msg}")
     return "; ".join(lines)
 
 
@@ -86,7 +102,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: '{part}' is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = load_yaml(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({yaml_reason(exc)})") from None
     return raw
 
 
@@ -122,9 +141,11 @@ def _read_yaml_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); a config is a YAML text file") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        raise ConfigError(f"{path}: not valid YAML ({yaml_reason(exc)})") from None
     if not isinstance(raw, dict):
         named_by = f" (named in '_base_' of {seen[-1]})" if seen else ""
         raise ConfigError(f"{path}: the top level must be a mapping of sections{named_by}")

@@ -6,6 +6,7 @@ This is the only place that knows every module; each module stays ignorant of th
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -74,12 +75,28 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> dict[str, float]:
             return result.scalars()
 
     out_dir = Path(cfg.out_dir)
+    # --resume of a run killed before its first checkpoint starts it again (every rank decides alike)
+    restart = resume and _killed_before_first_checkpoint(out_dir)
+    resume = resume and not restart
+    # 1. checks that write nothing: the folder, the settings of a resumed run, then every frame
     if dist.is_main():
         from semivss.engine.trainer import check_run_dir
+
+        if not restart:  # (a restarted run holds only its own logs so far, dropped below)
+            check_run_dir(out_dir, resume)  # another run is never touched
+        if resume or restart:
+            check_resume_config(cfg, out_dir)
+    if cfg.train.preflight:  # every rank: a rank that raised while the others wait would hang them
+        _preflight(cfg, train_set, val_set)
+    # 2. the run's own files
+    if dist.is_main():
         from semivss.results import git_commit, machine_info
 
-        check_run_dir(out_dir, resume)  # before config.yaml is written: another run is never touched
-
+        if restart:
+            shutil.rmtree(out_dir / "tb", ignore_errors=True)
+            (out_dir / "metrics.csv").unlink(missing_ok=True)
+            print(f"[semivss] {out_dir} has no checkpoint yet (stopped before the first one): starting "
+                  "it again from step 0", flush=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out_dir / ("config.resumed.yaml" if resume else "config.yaml"))
         provenance = {"commit": git_commit(Path.cwd()), "machine": machine_info(), "resume": resume}
@@ -99,6 +116,69 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> dict[str, float]:
         meta=make_meta(cfg, train_set),
     )
     return trainer.fit(resume=resume)
+
+
+# Keys a resumed run may change: where the data lies, logging / checkpoint / evaluation cadence,
+# data-loading workers and the in-run evaluation settings. They do not change the weights' path;
+# the new values are applied and recorded in config.resumed.yaml.
+RESUME_SAFE = ("name", "out_dir", "data.root", "data.num_workers", "train.num_workers", "train.log_interval",
+               "train.eval_interval", "train.ckpt_interval", "train.keep_best", "train.malloc_tuning", "eval.")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _killed_before_first_checkpoint(out_dir: Path) -> bool:
+    """A run folder with its config.yaml but no checkpoint and no exported model."""
+    return (out_dir / "config.yaml").is_file() and not any(
+        (out_dir / name).exists() for name in ("checkpoints/last.pt", "checkpoints/best.pt", "model.safetensors"))
+
+
+def check_resume_config(cfg: ExperimentConfig, out_dir: Path) -> None:
+    """A resume must train the run that was started: every changed key outside
+    :data:`RESUME_SAFE` (learning rate, schedule length, method settings, model, data split, ...)
+    is a ConfigError listing the keys with their old and new values."""
+    from semivss.config import load_config
+
+    original = out_dir / "config.yaml"
+    if not original.is_file():
+        return
+    def settings(c: ExperimentConfig) -> dict[str, Any]:
+        from semivss.registry import METHODS
+
+        tree = c.model_dump(mode="json")  # method settings with their defaults filled in
+        tree["method"] = {"name": c.method_name,
+                          **METHODS[c.method_name].Config(**c.method_params).model_dump(mode="json")}
+        return _flatten(tree)
+
+    old, new = settings(load_config(original)), settings(cfg)
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+               and not any(k == s or (s.endswith(".") and k.startswith(s)) for s in RESUME_SAFE)]
+    if changed:
+        detail = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed)
+        raise ConfigError(f"cannot resume {out_dir}: {detail} differ from its {original.name}; resume with "
+                          "the run's settings, or start a new run from its weights (model.init_from)")
+
+
+def _preflight(cfg: ExperimentConfig, train_set: VideoSet, val_set: VideoSet | None) -> None:
+    """Read what the run will read before its first iteration (data/preflight.py): labeled
+    training frames and validation frames decoded with their labels, other training frames'
+    headers."""
+    from semivss.data.preflight import preflight
+
+    labeled = set(build_split(cfg.data.split, train_set).labeled)
+    frames = train_set.frames()
+    checks = [(train_set, [r for r in frames if r in labeled], True),
+              (train_set, [r for r in frames if r not in labeled], False)]
+    if val_set is not None:
+        checks.append((val_set, val_set.annotated(), True))
+    preflight(checks, report=dist.is_main())
 
 
 def _train_section(cfg: ExperimentConfig) -> Any:

@@ -66,7 +66,7 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def _sha256(path: Path) -> str | None:
+def file_sha256(path: Path) -> str | None:
     """Hash of a weights file (None when it is not there), to tell which model a row started from."""
     if not path.is_file():
         return None
@@ -131,8 +131,8 @@ def make_record(run: str | Path, eval_dir: str | Path | None = None, name: str |
         "iou": dict(metrics.get("iou") or {}),
         "n_frames": metrics.get("n_frames"),
         "s_per_it": s_per_it,
-        "weights_sha256": _sha256(run / "model.safetensors"),
-        "init_from_sha256": _sha256(Path(init_from)) if init_from else None,
+        "weights_sha256": file_sha256(run / "model.safetensors"),
+        "init_from_sha256": file_sha256(Path(init_from)) if init_from else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "notes": notes,
     }

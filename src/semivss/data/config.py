@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from semivss.sections import Section
+
 from semivss.data.formats import load_dataset
 from semivss.data.remap import LabelMap
 from semivss.data.splits import Split, all_labeled, every_kth, one_unlabeled_per_interval, single_frame
@@ -17,7 +19,7 @@ from semivss.registry import FORMATS
 __all__ = ["SplitConfig", "DataConfig", "build_split", "build_augment", "load_videosets"]
 
 
-class SplitConfig(BaseModel):
+class SplitConfig(Section):
     """Which training frames are labeled (docs/protocols.md#2-benchmark-camvid-ssvs): every k-th
     annotated frame of each video (camvid-ssvs), one frame per video at `position`, or all
     annotated frames."""
@@ -41,7 +43,7 @@ class SplitConfig(BaseModel):
         return self
 
 
-class DataConfig(BaseModel):
+class DataConfig(Section):
     """Dataset, split and training-augmentation settings (evaluation resize lives elsewhere)."""
 
     model_config = ConfigDict(extra="forbid")

@@ -300,7 +300,7 @@ def generate_synthetic(
         raise DataError(f"synthetic output {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise DataError(f"synthetic output folder {out} is not empty; pass overwrite=True to replace it")
+            raise DataError(f"synthetic output folder {out} is not empty (use --overwrite to replace it)")
         for name in _OWNED:
             p = out / name
             if p.is_dir():

@@ -70,9 +70,40 @@ def atomic_write(path: str | Path, write: Any, durable: bool = True) -> None:
         _fsync_dir(path.parent)
 
 
+def _refused_write(f: Any) -> OSError | None:
+    """The OSError behind a RuntimeError of torch.save (its C++ zip writer drops the errno, and
+    its cleanup may raise a second, unrelated-looking one): a file-size limit reached (EFBIG) or
+    a full disk (ENOSPC); None when neither explains it."""
+    import errno
+    import resource
+
+    try:
+        size = os.fstat(f.fileno()).st_size
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and size >= limit - (1 << 16):
+            return OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+        st = os.fstatvfs(f.fileno())
+        if st.f_bavail * st.f_frsize < (16 << 20):
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write ``state`` with ``torch.save`` atomically (temp file, flush + fsync, ``os.replace``)."""
-    atomic_write(path, lambda f: torch.save(state, f))
+    """Write ``state`` with ``torch.save`` atomically (temp file, flush + fsync, ``os.replace``);
+    a refused write is an OSError naming ``path``."""
+
+    def write(f: Any) -> None:
+        try:
+            torch.save(state, f)
+        except RuntimeError:
+            refused = _refused_write(f)
+            if refused is None:
+                raise
+            raise refused from None
+
+    atomic_write(path, write)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -10,8 +10,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from semivss.sections import Section
 
-class OptimConfig(BaseModel):
+
+class OptimConfig(Section):
     """Optimiser (SGD momentum 0.9 wd 1e-4 with head x10 as the reference video and image SSL
     code, or AdamW as the PVUW 2024 recipe; docs/methods.md).
 
@@ -38,7 +40,7 @@ class OptimConfig(BaseModel):
         return self
 
 
-class ScheduleConfig(BaseModel):
+class ScheduleConfig(Section):
     """LR schedule over ``iters`` iterations: poly ``(1 - t/T)^power``, cosine or constant, with a
     linear warm-up of the factor from ``warmup_ratio`` to 1 over ``warmup_iters`` (mmcv convention:
     the warm-up multiplies the regular schedule). ``min_lr`` is the floor of the base LR (each group
@@ -62,7 +64,7 @@ class ScheduleConfig(BaseModel):
         return self
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(Section):
     """Training loop settings.
 
     ``precision="auto"``: on CPU bf16 autocast only where the CPU computes bf16 natively
@@ -86,3 +88,6 @@ class TrainConfig(BaseModel):
     deterministic: bool = False
     keep_best: bool = True
     malloc_tuning: bool = True
+    # before the first iteration: decode every labeled training frame, its label and every
+    # validation frame, and read the header of every other training frame (data/preflight.py)
+    preflight: bool = True

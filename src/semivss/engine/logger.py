@@ -145,7 +145,9 @@ class TrainLogger:
         if self._tb is not None:
             for key, value in scalars.items():
                 self._tb.add_scalar(key, value, step)
-        text = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        # a metric that could not be computed (VC16 on videos shorter than 16 frames) shows as '-',
+        # as in the evaluation table
+        text = " ".join(f"{k} {v:.4g}" if math.isfinite(float(v)) else f"{k} -" for k, v in metrics.items())
         if self._progress is not None:
             self._progress.console.print(f"[semivss] eval @ {step}: {text}")
         else:

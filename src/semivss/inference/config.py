@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
+from semivss.sections import Section
+
 
 def _positive_pair(v: tuple[int, int] | None, name: str) -> tuple[int, int] | None:
     if v is not None and (v[0] < 1 or v[1] < 1):
@@ -14,7 +16,7 @@ def _positive_pair(v: tuple[int, int] | None, name: str) -> tuple[int, int] | No
     return v
 
 
-class EvalConfig(BaseModel):
+class EvalConfig(Section):
     """How frames are fed to the model at evaluation time (docs/protocols.md#5-evaluation).
 
     ``mode="whole"``: frames resized to ``size`` (H, W) before the model (``None``: original

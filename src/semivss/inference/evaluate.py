@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +105,8 @@ class EvalResult:
             ),
             "class_names": list(self.class_names),
             "seconds": self.seconds,
+            # rows: ground-truth class, columns: predicted class (pixel counts, class_names order)
+            "confusion_matrix": self.confusion.matrix.tolist(),
         }
         if self.offset_table is not None:
             out["offsets"] = self.offset_table.to_dicts()
@@ -209,6 +211,7 @@ def evaluate_items(
     total: int | None = None,
     ignore_index: int = 255,
     all_reduce: bool = False,
+    on_frame: Callable[[str, int, Tensor, Tensor], None] | None = None,
 ) -> EvalResult:
     """Evaluate on ``items`` of the ``EvalFrames`` contract (see :func:`evaluate`).
 
@@ -220,7 +223,8 @@ def evaluate_items(
     temporal model; ``cfg`` then gives only ``batch_size`` and ``vc``); images must be prepared at
     ``predictor.input_size``. The predictor is reset at each video and gets up to
     ``cfg.batch_size`` consecutive frames of one video at a time; predictions are made at each
-    frame's label size.
+    frame's label size. ``on_frame(video, index, pred, label)`` is called on every scored frame
+    (e.g. a :class:`~semivss.inference.stills.StillWriter`).
     """
     device = torch.device(device)
     predictor = as_predictor(model, cfg)
@@ -259,6 +263,8 @@ def evaluate_items(
             if scored[0] is not None and scored[0] != video:
                 vc.finish(scored[0])  # frames come video by video: free the previous state
             scored[0] = video
+            if on_frame is not None:
+                on_frame(video, index, pred, label)
             key = key_of.get((video, index))
             try:
                 if key is None:
@@ -333,6 +339,8 @@ def evaluate(
     overwrite: bool = False,
     num_workers: int = 0,
     all_reduce: bool = False,
+    stills: int = 0,
+    stills_dir: str | Path | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` on the annotated ``frames`` (``FrameRef`` list) of ``videoset``.
 
@@ -346,22 +354,34 @@ def evaluate(
     table of ``subset`` / ``model_name``. ``save_dir``: prediction PNGs
     ``<save_dir>/<video>/<index:08d>.png`` in the dataset palette (refuses to write into a
     non-empty directory unless ``overwrite``). ``all_reduce``: sum counts over DDP ranks (each
-    rank evaluating different videos).
+    rank evaluating different videos). ``stills``: write that many stills (image | ground truth |
+    prediction | errors) of frames spread over ``frames`` into ``stills_dir``
+    (:mod:`semivss.inference.stills`).
     """
     from semivss.data.clips import EvalFrames
+    from semivss.data.video import FrameRef
 
     predictor = as_predictor(model, cfg)
     wanted = set(frames)
     context = ([r for r in frames_until_last(videoset, wanted) if r not in wanted]
                if predictor.temporal else [])
     ds = EvalFrames(videoset, list(frames), predictor.input_size, context=context)
+    writer = None
+    if stills > 0:
+        from semivss.inference.stills import StillWriter, pick_frames
+
+        if stills_dir is None:
+            raise ValueError("stills needs a stills_dir")
+        chosen = pick_frames([(r.video, r.index) for r in ds.frames if r in wanted], stills)
+        writer = StillWriter(stills_dir, chosen, lambda v, i: videoset.read_image(FrameRef(v, i)),
+                             videoset.palette, overwrite=overwrite)
     items: Iterable[Mapping[str, Any]]
     if num_workers > 0:
         items = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False,
                                             num_workers=num_workers)
     else:
         items = (ds[i] for i in range(len(ds)))
-    return evaluate_items(
+    result = evaluate_items(
         predictor,
         items,
         list(videoset.classes),
@@ -376,4 +396,8 @@ def evaluate(
         progress=progress,
         total=len(ds),
         all_reduce=all_reduce,
+        on_frame=writer,
     )
+    if writer is not None:
+        writer.finish()
+    return result

@@ -111,10 +111,8 @@ def _write_png_atomic(path: Path, arr: np.ndarray, compress_level: int = 1) -> N
     """Write a uint8 (H, W) array as a single-channel ('L') PNG via a temporary file."""
     if arr.ndim != 2 or arr.dtype != np.uint8:
         raise ValueError(f"{path}: expected a uint8 (H, W) array, got {arr.dtype} {arr.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(np.ascontiguousarray(arr)).save(tmp, format="PNG", compress_level=compress_level)
-    os.replace(tmp, path)
+    image = Image.fromarray(np.ascontiguousarray(arr))
+    atomic_write(path, lambda f: image.save(f, format="PNG", compress_level=compress_level), durable=False)
 
 
 def write_frame(out_dir: Path, ref: FrameRef, label: np.ndarray, entropy_q: np.ndarray) -> None:
@@ -205,6 +203,10 @@ def _prepare_output(out_dir: Path, manifest: dict[str, Any], resume: bool, overw
     """Check ``out_dir`` against the resume / overwrite rules and write the initial manifest."""
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputExistsError(f"{out_dir}: exists and is not a directory")
+    if out_dir.is_dir():  # temp files of writes a killed run left behind
+        for pattern in (".*.tmp", "labels/*/.*.tmp", "entropy/*/.*.tmp"):
+            for stale in out_dir.glob(pattern):
+                stale.unlink(missing_ok=True)
     non_empty = out_dir.is_dir() and any(out_dir.iterdir())
     if non_empty and resume:
         old = load_manifest(out_dir)
@@ -215,6 +217,11 @@ def _prepare_output(out_dir: Path, manifest: dict[str, Any], resume: bool, overw
                 was, now = old.get(k), manifest[k]
                 if k == "frames":
                     details.append(f"frames ({len(was or [])} listed, now {len(now)})")
+                elif (isinstance(was, list) and isinstance(now, list) and len(was) == len(now)
+                      and all(isinstance(x, dict) for x in was + now)):  # e.g. models: member by member
+                    details.extend(f"{k}[{i}].{j} (was {_short(a.get(j))}, now {_short(b.get(j))})"
+                                   for i, (a, b) in enumerate(zip(was, now))
+                                   for j in sorted(set(a) | set(b)) if a.get(j) != b.get(j))
                 elif isinstance(was, dict) and isinstance(now, dict):
                     sub = sorted(j for j in set(was) | set(now) if was.get(j) != now.get(j))
                     details.append(f"{k}." + f", {k}.".join(
@@ -228,7 +235,7 @@ def _prepare_output(out_dir: Path, manifest: dict[str, Any], resume: bool, overw
         return  # keep the manifest (and its counts) until this run's counts replace them
     if non_empty and not overwrite:
         raise OutputExistsError(
-            f"{out_dir}: output directory exists and is not empty (pass --resume to continue the "
+            f"{out_dir}: output directory exists and is not empty (use --resume to continue the "
             "set, or --overwrite to write into it)"
         )
     out_dir.mkdir(parents=True, exist_ok=True)

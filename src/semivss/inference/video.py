@@ -102,11 +102,17 @@ def iter_source(path: str | Path) -> Iterator[tuple[str, int, np.ndarray]]:
         if not container.streams.video:
             raise DataError(f"{p}: no video stream")
         stream = container.streams.video[0]
+        expected = int(stream.frames or 0)  # from the container's index; 0 when unknown
+        n = 0
         try:
             for i, frame in enumerate(container.decode(stream)):
                 yield f"{p.stem}_{i:06d}", i, frame.to_ndarray(format="rgb24")
+                n = i + 1
         except av.error.FFmpegError as e:
             raise DataError(f"{p}: cannot decode video ({e})") from e
+        if expected and n < expected:
+            raise DataError(f"{p}: truncated or corrupt video: decoded {n} of the {expected} frames "
+                            "its index lists")
 
 
 def _normalise(frame: np.ndarray, size: tuple[int, int] | None) -> torch.Tensor:

@@ -3,8 +3,11 @@ docs/protocols.md#5-evaluation)."""
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
-
+import shutil
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
@@ -23,6 +26,7 @@ __all__ = [
     "Mp4Writer",
     "OutputExistsError",
     "check_new_output",
+    "staged_dir",
     "colorize",
     "overlay",
     "palette_lut",
@@ -37,8 +41,8 @@ class OutputExistsError(DataError, FileExistsError):
 def check_new_output(path: str | Path, overwrite: bool = False) -> Path:
     """Refuse to write over an existing file or a non-empty directory unless ``overwrite``.
 
-    Nothing is deleted: with ``overwrite=True`` existing files are simply replaced as they are
-    written again.
+    Nothing is deleted: with ``overwrite`` existing files are simply replaced as they are
+    written again (:func:`staged_dir` replaces a whole folder instead).
     """
     p = Path(path)
     if overwrite or not p.exists():
@@ -46,11 +50,67 @@ def check_new_output(path: str | Path, overwrite: bool = False) -> Path:
     if p.is_dir():
         if any(p.iterdir()):
             raise OutputExistsError(
-                f"{p}: output directory exists and is not empty (pass overwrite=True / "
-                "--overwrite to write into it)"
+                f"{p}: output folder exists and is not empty (use --overwrite to replace it, or another folder)"
             )
         return p
-    raise OutputExistsError(f"{p}: output file exists (pass overwrite=True / --overwrite)")
+    raise OutputExistsError(f"{p}: output file exists (use --overwrite to replace it)")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_siblings(path: Path) -> None:
+    """Delete ``<name>.partial-<pid>`` / ``<name>.old-<pid>`` folders left by killed runs."""
+    if not path.parent.is_dir():
+        return
+    for tag in ("partial", "old"):
+        for stale in path.parent.glob(f"{glob.escape(path.name)}.{tag}-*"):
+            pid = stale.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Write a whole output folder at once: yields an empty temporary sibling folder
+    (``<name>.partial-<pid>``) that replaces ``path`` when the block succeeds and is deleted when
+    it fails, so a failed command leaves nothing half-written and never blocks its own re-run.
+
+    A non-empty ``path`` is refused unless ``overwrite``, which replaces its whole previous
+    contents (the old folder is moved aside, the new one renamed in, then the old one deleted).
+    An existing file at ``path`` is refused. Temporary folders of killed runs are removed first.
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise OutputExistsError(f"{p}: output path is a file, not a folder")
+    check_new_output(p, overwrite)
+    _remove_stale_siblings(p)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    staging = p.parent / f"{p.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if p.exists() and any(p.iterdir()):
+        old = p.parent / f"{p.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(p, old)
+        os.replace(staging, p)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        if p.exists():
+            p.rmdir()
+        os.replace(staging, p)
 
 
 def palette_lut(palette: Palette) -> np.ndarray:

@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+from semivss.sections import Section
 from torch import Tensor, nn
 
 from semivss.data.requests import LabeledRequest
@@ -33,7 +35,7 @@ class AccelFusion(Method):
 
     name: ClassVar[str] = "accel"
 
-    class Config(BaseModel):
+    class Config(Section):
         model_config = ConfigDict(extra="forbid")
         reference: str = Field(..., description="Trained per-frame checkpoint of the reference branch.")
         update: str | None = Field(None, description="Checkpoint of the update branch (default: the reference's).")

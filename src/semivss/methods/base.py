@@ -10,6 +10,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from semivss.sections import Section
 from torch import Tensor, nn
 
 from semivss.data.requests import DataRequest, LabeledRequest
@@ -80,7 +82,7 @@ class Method:
 
     name: ClassVar[str] = "base"
 
-    class Config(BaseModel):
+    class Config(Section):
         model_config = ConfigDict(extra="forbid")
 
     def __init__(

@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
+
+from semivss.sections import Section
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -86,7 +88,7 @@ class CAC(Method):
 
     name: ClassVar[str] = "cac"
 
-    class Config(BaseModel):
+    class Config(Section):
         """``method:`` parameters (defaults: the official Cityscapes/VOC configs)."""
 
         model_config = ConfigDict(extra="forbid")

@@ -15,6 +15,8 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from semivss.sections import Section
 from torch import Tensor, nn
 
 from semivss.data.requests import UnlabeledRequest
@@ -51,7 +53,7 @@ class CPS(ThresholdCheckpoint, Method):
 
     name: ClassVar[str] = "cps"
 
-    class Config(BaseModel):
+    class Config(Section):
         """``method:`` parameters of CPS."""
 
         model_config = ConfigDict(extra="forbid")

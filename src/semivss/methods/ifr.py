@@ -17,6 +17,8 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from semivss.sections import Section
 from torch import Tensor, nn
 
 from semivss.data.requests import LabeledRequest, UnlabeledRequest
@@ -120,7 +122,7 @@ class IFR(Method):
 
     name: ClassVar[str] = "ifr"
 
-    class Config(BaseModel):
+    class Config(Section):
         """``method:`` parameters of IFR (defaults = the official Cityscapes setting)."""
 
         model_config = ConfigDict(extra="forbid")

@@ -18,6 +18,8 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from semivss.sections import Section
 from torch import Tensor, nn
 
 from semivss.data.requests import PseudoRequest
@@ -43,7 +45,7 @@ def default_gamma(num_classes: int) -> float:
     return 0.5 * math.log(max(num_classes, 2))
 
 
-class ReliableConfig(BaseModel):
+class ReliableConfig(Section):
     """``method.reliable``: which valid pseudo-labeled pixels are reliable (Eq. (ST-3)).
 
     ``threshold``: entropy < ``gamma`` nats (default ``0.5 ln C``); ``percentile``: the ``keep``

@@ -18,6 +18,8 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from semivss.sections import Section
 from torch import Tensor, nn
 
 from semivss.data.requests import UnlabeledRequest
@@ -88,7 +90,7 @@ class UniMatch(ThresholdCheckpoint, Method):
 
     name: ClassVar[str] = "unimatch"
 
-    class Config(BaseModel):
+    class Config(Section):
         """``method:`` parameters of UniMatch (defaults: official Pascal config,
         docs/methods.md#6-unimatch)."""
 

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from semivss.sections import Section
+
 from semivss.registry import ARCHS
 
 Backbone = Literal["mobilenet_v2", "resnet18", "resnet34", "resnet50", "resnet101"]
@@ -57,7 +59,7 @@ def _names(names: tuple[str, ...]) -> str:
     return ", ".join(names) if names else "(none)"
 
 
-class ModelConfig(BaseModel):
+class ModelConfig(Section):
     """Segmentation network: encoder, decoder head and pretraining.
 
     ``pretrained`` is ``"imagenet"`` (the locally installed torchvision MobileNetV2 file; ResNets

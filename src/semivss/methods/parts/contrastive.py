@@ -16,6 +16,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from semivss.sections import Section
 from torch import Tensor
 
 from semivss.methods.parts.memory_bank import ClassMemoryBank, gather_rows
@@ -23,7 +25,7 @@ from semivss.methods.parts.memory_bank import ClassMemoryBank, gather_rows
 __all__ = ["ContrastiveSettings", "class_ranks", "u2pl_contrastive_loss", "u2pl_negative_masks"]
 
 
-class ContrastiveSettings(BaseModel):
+class ContrastiveSettings(Section):
     """Method config keys of the U2PL contrastive loss (Eq. (U2PL-5)), shared by the methods that use
     it: anchors, negatives per anchor, temperature, anchor probability threshold, the rank window
     ``[low_rank, high_rank)`` of unlikely classes and the memory bank size per class.
