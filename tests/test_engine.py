@@ -482,3 +482,34 @@ def test_eval_line_shows_uncomputable_metrics_as_a_dash(tmp_path: Path, capsys) 
     log.close()
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line == "[semivss] eval @ 5: mIoU 0.5123 VC16 -"
+
+
+def test_progress_lines_off_a_terminal_are_periodic_with_eta(capsys) -> None:
+    import io
+
+    from semivss.progress import LineProgress, clock
+
+    out = io.StringIO()
+    with LineProgress(out, interval=0.0) as bar:  # every update prints
+        task = bar.add_task("eval val", total=4)
+        bar.advance(task, 1)
+        bar.advance(task, 3)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("[semivss] eval val: 1/4 (25%), 0:00:00 elapsed, ETA ")
+    assert lines[-1] == "[semivss] eval val: 4/4 (100%), 0:00:00 elapsed"  # no ETA once done
+    out = io.StringIO()
+    with LineProgress(out, interval=3600) as bar:  # quiet in between, one line at the end
+        task = bar.add_task("predict", total=None)
+        for _ in range(50):
+            bar.advance(task)
+    assert out.getvalue().splitlines() == ["[semivss] predict: 50, 0:00:00 elapsed"]
+    assert clock(3725) == "1:02:05"
+
+
+def test_train_lines_off_a_terminal_show_the_eta(tmp_path: Path, capsys) -> None:
+    from semivss.engine.logger import TrainLogger
+
+    log = TrainLogger(tmp_path, total_steps=100, tensorboard=False, progress=False)
+    log.log_train(20, {"loss": 1.0, "lr": 0.01, "it_s": 0.5})
+    log.close()
+    assert capsys.readouterr().out.strip().endswith("it_s 0.5 eta 0:02:40")  # 80 steps at 0.5 it/s

@@ -19,6 +19,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from semivss.progress import clock
+
 
 class CSVLog:
     """Append-only CSV of ``{"step": ..., key: value}`` rows whose header grows with new keys."""
@@ -133,7 +135,9 @@ class TrainLogger:
         if self._progress is not None:
             self._progress.update(self._task, completed=step, info=info)
         else:
-            print(f"[semivss] step {step}/{self.total_steps} {info}", file=sys.stdout, flush=True)
+            rate = scalars.get("it_s") or 0.0
+            eta = f" eta {clock((self.total_steps - step) / rate)}" if rate > 0 and step < self.total_steps else ""
+            print(f"[semivss] step {step}/{self.total_steps} {info}{eta}", file=sys.stdout, flush=True)
 
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
         """Evaluation metrics, logged as ``val/<key>``."""

@@ -20,14 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 from torch import Tensor, nn
 
@@ -39,21 +31,9 @@ from semivss.inference.writers import check_new_output, save_label_png
 from semivss.metrics.confusion import ConfusionMatrix
 from semivss.metrics.offset import OffsetTable, offset_table
 from semivss.metrics.vc import VideoConsistency
+from semivss.progress import make_progress
 
 __all__ = ["EvalResult", "evaluate", "evaluate_items", "make_progress"]
-
-
-def make_progress(enabled: bool = True) -> Progress:
-    """The rich progress bar used by the inference loops (disabled -> prints nothing)."""
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        transient=False,
-    )
 
 
 def _nan_to_none(x: Any) -> Any:
