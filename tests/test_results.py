@@ -115,3 +115,21 @@ def test_table_refuses_rows_from_different_starting_weights(tmp_path: Path) -> N
     recs[1]["init_from_sha256"] = "0" * 64
     with pytest.raises(SemivssError, match="different weights"):
         results_markdown(recs, baseline="control")
+
+
+def test_offsets_table_side_by_side_with_the_train_gap() -> None:
+    from semivss.results import offsets_markdown
+
+    def rows(train: dict[int, tuple[float, int]], held: dict[int, float]) -> list[dict]:
+        out = [{"subset": "train videos (train)", "offset": o, "mIoU": m, "n_frames": n} for o, (m, n) in train.items()]
+        return out + [{"subset": "held-out videos (val)", "offset": o, "mIoU": m, "n_frames": 1} for o, m in held.items()]
+
+    a = rows({-1: (0.5, 1), 0: (0.8, 2), 1: (0.6, 3)}, {0: 0.55, 1: 0.5})
+    b = rows({0: (0.7, 1), 2: (0.65, 1)}, {})
+    text = offsets_markdown([("A", a), ("B", b)])
+    lines = text.splitlines()
+    assert lines[0] == "| offset | A (train) | A (held-out) | B (train) | B (held-out) |"
+    assert lines[2] == "| -1 | 50.00 | - | - | - |"
+    assert lines[3] == "| 0 (labeled) | 80.00 | 55.00 | 70.00 | - |"
+    # gap A: 0.8 - (0.5 * 1 + 0.6 * 3) / 4 = 0.225; gap B: 0.7 - 0.65 = 0.05
+    assert lines[-1] == "| train gap: 0 - others | +22.50 |  | +5.00 |  |"

@@ -244,12 +244,49 @@ def video_inference_markdown(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def offsets_markdown(named: list[tuple[str, list[dict[str, Any]]]]) -> str:
+    """Markdown of offset analyses (``offsets.json`` of ``evaluate --offsets``) side by side: mIoU
+    by signed offset from the labeled frame on the train videos and the held-out videos of each
+    model, then the train videos' overfitting gap (offset 0 minus the frame-weighted mean of the
+    other offsets; docs/methods.md#10-inner-video-overfitting)."""
+    def subset(rows: list[dict[str, Any]], train: bool) -> dict[int, dict[str, Any]]:
+        return {int(r["offset"]): r for r in rows if str(r["subset"]).startswith("train") == train}
+
+    offsets = sorted({int(r["offset"]) for _, rows in named for r in rows})
+    head = ["offset"] + [f"{n} ({'train' if t else 'held-out'})" for n, _ in named for t in (True, False)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for o in offsets:
+        cells = [f"{o:+d}" if o else "0 (labeled)"]
+        for _, rows in named:
+            for t in (True, False):
+                r = subset(rows, t).get(o)
+                cells.append(_pct(r["mIoU"]) if r else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    gaps = ["train gap: 0 - others"]
+    for _, rows in named:
+        tr = subset(rows, True)
+        others = [r for o, r in tr.items() if o != 0]
+        n = sum(int(r["n_frames"]) for r in others)
+        if 0 in tr and n:
+            mean = sum(float(r["mIoU"]) * int(r["n_frames"]) for r in others) / n
+            gaps.append(f"{100 * (float(tr[0]['mIoU']) - mean):+.2f}")
+        else:
+            gaps.append("-")
+        gaps.append("")
+    lines.append("| " + " | ".join(gaps) + " |")
+    return "\n".join(lines)
+
+
 def _table_from_args(args: str) -> str:
-    """The table a marker asks for: ``DIR [DIR ...] [--baseline ROW] [--no-per-class]``, or
-    ``--video-inference FILE`` (a video-inference benchmark record)."""
+    """The table a marker asks for: ``DIR [DIR ...] [--baseline ROW] [--no-per-class]``,
+    ``--video-inference FILE`` (a video-inference benchmark record) or ``--offsets NAME=FILE ...``
+    (offset analyses side by side)."""
     words = shlex.split(args)
     if words and words[0] == "--video-inference":
         return "\n\n".join(video_inference_markdown(json.loads(Path(w).read_text())) for w in words[1:])
+    if words and words[0] == "--offsets":  # --offsets NAME=FILE ...
+        return offsets_markdown([(w.split("=", 1)[0], json.loads(Path(w.split("=", 1)[1]).read_text()))
+                                 for w in words[1:]])
     baseline, per_class, paths = None, True, []
     i = 0
     while i < len(words):
