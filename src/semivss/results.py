@@ -245,7 +245,8 @@ def video_inference_markdown(record: dict[str, Any]) -> str:
 
 
 def offsets_markdown(named: list[tuple[str, list[dict[str, Any]]]]) -> str:
-    """Markdown of offset analyses (``offsets.json`` of ``evaluate --offsets``) side by side: mIoU
+    """Markdown of offset analyses (``offsets.json`` of ``evaluate --offsets``; marker words
+    ``NAME=FILE``, split at the last ``=``) side by side: mIoU
     by signed offset from the labeled frame on the train videos and the held-out videos of each
     model, then the train videos' overfitting gap (offset 0 minus the frame-weighted mean of the
     other offsets; docs/methods.md#10-inner-video-overfitting)."""
@@ -285,7 +286,7 @@ def _table_from_args(args: str) -> str:
     if words and words[0] == "--video-inference":
         return "\n\n".join(video_inference_markdown(json.loads(Path(w).read_text())) for w in words[1:])
     if words and words[0] == "--offsets":  # --offsets NAME=FILE ...
-        return offsets_markdown([(w.split("=", 1)[0], json.loads(Path(w.split("=", 1)[1]).read_text()))
+        return offsets_markdown([(w.rsplit("=", 1)[0], json.loads(Path(w.rsplit("=", 1)[1]).read_text()))
                                  for w in words[1:]])
     baseline, per_class, paths = None, True, []
     i = 0
