@@ -118,7 +118,7 @@ def test_user_errors_exit_2_with_named_key(tiny, tmp_path, monkeypatch, capsys) 
     with pytest.raises(SystemExit) as exc:
         main()
     assert exc.value.code == 2
-    assert "train.learning_rate" in capsys.readouterr().out
+    assert "train.learning_rate" in capsys.readouterr().err  # errors go to stderr
 
 
 def test_fresh_train_refuses_used_out_dir(tiny) -> None:

@@ -25,6 +25,7 @@ results_app = typer.Typer(add_completion=False, no_args_is_help=True,
                           help="Published results as data: records under results/ and their tables.")
 app.add_typer(results_app, name="results")
 console = Console()
+err_console = Console(stderr=True)  # error and interruption lines go to stderr
 
 
 
@@ -765,7 +766,7 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
-        console.print("[bold red]interrupted[/]")
+        err_console.print("[bold red]interrupted[/]")
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the single error boundary
         from semivss.errors import TrainingInterrupted
@@ -773,9 +774,9 @@ def main() -> None:
         if os.environ.get("SEMIVSS_DEBUG") or not _anticipated(exc):
             raise
         if isinstance(exc, TrainingInterrupted):
-            console.print(f"[bold yellow]stopped:[/] {error_line(exc)}", soft_wrap=True)
+            err_console.print(f"[bold yellow]stopped:[/] {error_line(exc)}", soft_wrap=True)
             sys.exit(130)
-        console.print(f"[bold red]error:[/] {error_line(exc)}", soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {error_line(exc)}", soft_wrap=True)
         sys.exit(2)
 
 

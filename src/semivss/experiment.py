@@ -75,16 +75,18 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> dict[str, float]:
             return result.scalars()
 
     out_dir = Path(cfg.out_dir)
-    # --resume of a run killed before its first checkpoint starts it again (every rank decides alike)
+    # --resume of a run killed before its first checkpoint (or never started) starts it from step 0
+    # (every rank decides alike)
     restart = resume and _killed_before_first_checkpoint(out_dir)
     resume = resume and not restart
     # 1. checks that write nothing: the folder, the settings of a resumed run, then every frame
     if dist.is_main():
         from semivss.engine.trainer import check_run_dir
 
-        if not restart:  # (a restarted run holds only its own logs so far, dropped below)
+        own_logs = restart and (out_dir / "config.yaml").is_file()  # this run's logs so far, dropped below
+        if not own_logs:
             check_run_dir(out_dir, resume)  # another run is never touched
-        if resume or restart:
+        if resume or own_logs:
             check_resume_config(cfg, out_dir)
     if cfg.train.preflight:  # every rank: a rank that raised while the others wait would hang them
         _preflight(cfg, train_set, val_set)
@@ -92,11 +94,12 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> dict[str, float]:
     if dist.is_main():
         from semivss.results import git_commit, machine_info
 
-        if restart:
+        if own_logs:
             shutil.rmtree(out_dir / "tb", ignore_errors=True)
             (out_dir / "metrics.csv").unlink(missing_ok=True)
+        if restart:
             print(f"[semivss] {out_dir} has no checkpoint yet (stopped before the first one): starting "
-                  "it again from step 0", flush=True)
+                  "the run from step 0", flush=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out_dir / ("config.resumed.yaml" if resume else "config.yaml"))
         provenance = {"commit": git_commit(Path.cwd()), "machine": machine_info(), "resume": resume}
@@ -135,8 +138,9 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _killed_before_first_checkpoint(out_dir: Path) -> bool:
-    """A run folder with its config.yaml but no checkpoint and no exported model."""
-    return (out_dir / "config.yaml").is_file() and not any(
+    """No checkpoint and no exported model (yet): a run stopped before its first checkpoint, or
+    one that never started; ``--resume`` then starts it from step 0."""
+    return not any(
         (out_dir / name).exists() for name in ("checkpoints/last.pt", "checkpoints/best.pt", "model.safetensors"))
 
 

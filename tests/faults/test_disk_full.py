@@ -64,13 +64,14 @@ def disk(request, tmp_path) -> tuple[Path, int | None]:
 
 
 def _one_line(res: subprocess.CompletedProcess, *needles: str) -> str:
-    """Exit 2, no traceback, and the failure is one line (progress lines before it are fine)."""
+    """Exit 2, no traceback, and the failure is one line, the last on stderr (progress lines
+    before it are fine)."""
     out = res.stdout + res.stderr
-    lines = [ln for ln in out.strip().splitlines() if ln.strip()]
     assert res.returncode == 2, out
     assert "Traceback" not in out
-    errors = [ln for ln in lines if ln.startswith("error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], out
+    errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    last = [ln for ln in res.stderr.strip().splitlines() if ln.strip()][-1]
+    assert len(errors) == 1 and last == errors[0], out
     for n in needles:
         assert n in errors[0], (n, errors[0])
     return errors[0]
