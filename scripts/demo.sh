@@ -13,7 +13,9 @@ if [ ! -f "$DATA/meta.yaml" ]; then
   semivss data synth "$DATA" --videos 20 --frames 30 --height 128 --width 256 --seed 0
 fi
 semivss data info "$DATA" --format synthetic --split train
-semivss train configs/synthetic/supervised.yaml --out "$RUN" --set data.root="$DATA" ${ITERS:+--set schedule.iters=$ITERS}
+# ITERS (optional) shortens the run; the warm-up (20 iterations) is capped to fit it
+semivss train configs/synthetic/supervised.yaml --out "$RUN" --set data.root="$DATA" \
+  ${ITERS:+--set schedule.iters=$ITERS --set schedule.warmup_iters=$(( ITERS < 20 ? ITERS : 20 ))}
 semivss evaluate "$RUN/checkpoints/best.pt" --data "$DATA" --format synthetic --split val \
   --offsets --label-position 15 --save-stills 4 --out "$RUN/eval-val"
 VIDEO=$(head -n 1 "$DATA/val.txt")
