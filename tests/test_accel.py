@@ -280,6 +280,32 @@ def test_fusion_training_lowers_its_loss_on_fixed_clips(trained) -> None:
     assert not net.reference.training and not net.update.training  # frozen branches stay in eval mode
 
 
+def test_min_interval_zero_adds_clips_of_the_labeled_frame_alone(trained) -> None:
+    """k = 0: no warping, the loss is that of the per-frame Accel (fusion of both branches on the
+    labeled frame); the official range stays 1..max_interval."""
+    from semivss.data.batch import LabeledBatch
+    from semivss.methods import build_method
+    from semivss.methods.base import seg_ce_loss
+
+    official = build_method("accel", {"reference": str(trained["sup"]), "max_interval": 2}, 8)
+    assert {official._interval(s) for s in range(60)} == {1, 2}
+    method = build_method("accel", {"reference": str(trained["sup"]), "max_interval": 2, "min_interval": 0}, 8)
+    assert {method._interval(s) for s in range(60)} == {0, 1, 2}
+    step = next(s for s in range(60) if method._interval(s) == 0)
+    models = method.build_models(lambda: None)
+    torch.manual_seed(0)
+    image = torch.randn(2, 3, 48, 64)
+    label = torch.randint(0, 8, (2, 48, 64))
+    context = torch.randn(2, 2, 3, 48, 64)  # not used when k = 0
+    batch = {"labeled": LabeledBatch(image, label, torch.ones(2, 48, 64, dtype=torch.bool), context,
+                                     torch.tensor([[-2, -1]] * 2), None)}
+    out = method.training_step(models, batch, step, 60)
+    with torch.no_grad():
+        expected = seg_ce_loss(models["accel"](image)["logits"], label, 255)
+    assert float(out["k"]) == 0.0
+    torch.testing.assert_close(out["loss"].detach(), expected)
+
+
 def test_preceding_context_is_the_clip_before_the_labeled_frame(trained) -> None:
     from semivss.data.clips import LabeledClips
     from semivss.data.formats import load_dataset

@@ -40,7 +40,11 @@ class AccelFusion(Method):
         reference: str = Field(..., description="Trained per-frame checkpoint of the reference branch.")
         update: str | None = Field(None, description="Checkpoint of the update branch (default: the reference's).")
         update_scale: float = Field(0.5, gt=0, le=4, description="Input scale of the update branch.")
-        max_interval: int = Field(5, ge=1, description="Key-frame interval k drawn in 1..max_interval.")
+        max_interval: int = Field(5, ge=1, description="Key-frame interval k drawn in min_interval..max_interval.")
+        # 0 adds clips whose key frame is the labeled frame itself (no warping): an option for data
+        # whose training frames are further apart than the test-time key-frame gaps (CamVid: 1 s
+        # vs 1/15 s), so that the fusion also sees a fresh reference. Official: 1.
+        min_interval: int = Field(1, ge=0, description="Smallest key-frame interval k (0: the labeled frame).")
         keyframe_interval: int = Field(5, ge=1, description="Interval the exported model predicts with by default.")
         flow: str = "dis-fast"
         train_classifiers: bool = False
@@ -78,7 +82,8 @@ class AccelFusion(Method):
 
     def _interval(self, step: int) -> int:
         """The key-frame distance k of iteration ``step`` (a function of the step: exact resume)."""
-        return int(np.random.default_rng(step).integers(1, self.cfg.max_interval + 1))
+        lo = min(self.cfg.min_interval, self.cfg.max_interval)
+        return int(np.random.default_rng(step).integers(lo, self.cfg.max_interval + 1))
 
     def training_step(
         self, models: nn.ModuleDict, batch: dict[str, Any], step: int, max_steps: int
@@ -89,7 +94,8 @@ class AccelFusion(Method):
         labeled = batch["labeled"]
         k = self._interval(step)
         # clip: key frame = k-th predecessor, then the frames up to the labeled one, in order
-        clip = torch.cat([labeled.context[:, -k:], labeled.image[:, None]], dim=1)
+        frames = [labeled.context[:, -k:]] if k > 0 else []  # k = 0: the key frame is the labeled one
+        clip = torch.cat([*frames, labeled.image[:, None]], dim=1)
         logits = net.clip_logits(clip, self.flow)
         loss = seg_ce_loss(logits, labeled.label, self.ignore_index)
         return {"loss": loss, "loss_sup": loss, "k": torch.tensor(float(k))}
