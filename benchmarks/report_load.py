@@ -8,7 +8,6 @@ report's size and what its DOM holds. Optionally written as a record.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import subprocess
@@ -36,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds.append(time.perf_counter() - t0)
         dom = res.stdout
     counts = {tag: dom.count(f"<{tag}") for tag in ("table", "img", "svg", "details", "a ")}
-    from semivss.results import git_commit, machine_info
+    from semivss.results import git_commit, machine_info, write_record
 
     record = {"benchmark": "report_load", "report": str(args.report), "bytes": args.report.stat().st_size,
               "runs": args.runs, "seconds": [round(s, 3) for s in seconds], "min": round(min(seconds), 3),
@@ -47,10 +46,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{record['min']:.2f} s, median {record['median']:.2f} s, max {record['max']:.2f} s over {args.runs} "
           f"runs (browser start included); DOM: {counts}")
     if args.out is not None:
-        from semivss.engine.checkpoint import atomic_write
-
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(args.out, lambda f: f.write(json.dumps(record, indent=2).encode()))
+        write_record(record, args.out, overwrite=True)
         print(f"record -> {args.out}")
     return 0
 

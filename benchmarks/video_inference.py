@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from semivss.inference.predict import Predictor
     from semivss.models.accel import AccelNet
     from semivss.models.flow import build_flow
-    from semivss.results import git_commit, machine_info
+    from semivss.results import git_commit, machine_info, write_record
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -139,8 +138,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {info.get('cpu')}; device {dev}; {'bf16 autocast' if amp else 'fp32'}; input "
           f"{cfg.size}; flow {flow_name}; {len(frames)} frames of {args.format} {args.split}")
     if args.out is not None:
-        from semivss.engine.checkpoint import atomic_write
-
         record = {
             "benchmark": "video_inference", "model": str(args.accel), "data": str(args.data),
             "format": args.format, "split": args.split, "frames": len(frames), "input_size": cfg.size,
@@ -148,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             "update_scale": net.update_scale, "commit": git_commit(Path.cwd()), "machine": info,
             "rows": results,
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(args.out, lambda f: f.write(json.dumps(record, indent=2).encode()))
+        write_record(record, args.out, overwrite=True)
         print(f"record -> {args.out}")
     return 0
 

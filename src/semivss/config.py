@@ -13,21 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from semivss.sections import Section, load_yaml
+from pydantic import Field, ValidationError, model_validator
 
 from semivss.data.config import DataConfig
 from semivss.engine.config import OptimConfig, ScheduleConfig, TrainConfig
 from semivss.errors import ConfigError
 from semivss.inference.config import EvalConfig
 from semivss.models.config import ModelConfig
+from semivss.sections import Section, load_yaml
 
 
 class ExperimentConfig(Section):
     """A whole experiment: data, model, method, optimiser, schedule, training and evaluation."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str = "experiment"
     out_dir: Path = Path("runs/experiment")

@@ -20,7 +20,7 @@ from semivss.data.requests import TrainSource
 from semivss.data.video import FrameRef, VideoSet
 from semivss.engine import dist
 from semivss.engine.checkpoint import load_checkpoint
-from semivss.engine.trainer import Trainer
+from semivss.engine.trainer import RUN_WEIGHTS, Trainer, check_run_dir
 from semivss.errors import ConfigError, DataError
 from semivss.inference.config import EvalConfig
 from semivss.inference.evaluate import EvalResult, evaluate
@@ -77,13 +77,11 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> dict[str, float]:
     out_dir = Path(cfg.out_dir)
     # --resume of a run killed before its first checkpoint (or never started) starts it from step 0
     # (every rank decides alike)
-    restart = resume and _killed_before_first_checkpoint(out_dir)
+    restart = resume and not any((out_dir / name).exists() for name in RUN_WEIGHTS)
     resume = resume and not restart
+    own_logs = restart and (out_dir / "config.yaml").is_file()  # this run's logs so far, dropped below
     # 1. checks that write nothing: the folder, the settings of a resumed run, then every frame
     if dist.is_main():
-        from semivss.engine.trainer import check_run_dir
-
-        own_logs = restart and (out_dir / "config.yaml").is_file()  # this run's logs so far, dropped below
         if not own_logs:
             check_run_dir(out_dir, resume)  # another run is never touched
         if resume or own_logs:
@@ -135,13 +133,6 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: tree}
-
-
-def _killed_before_first_checkpoint(out_dir: Path) -> bool:
-    """No checkpoint and no exported model (yet): a run stopped before its first checkpoint, or
-    one that never started; ``--resume`` then starts it from step 0."""
-    return not any(
-        (out_dir / name).exists() for name in ("checkpoints/last.pt", "checkpoints/best.pt", "model.safetensors"))
 
 
 def check_resume_config(cfg: ExperimentConfig, out_dir: Path) -> None:

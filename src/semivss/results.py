@@ -141,10 +141,9 @@ def make_record(run: str | Path, eval_dir: str | Path | None = None, name: str |
 def write_record(record: dict[str, Any], path: str | Path, overwrite: bool = False) -> Path:
     """Write ``record`` as JSON atomically; an existing file is kept unless ``overwrite``."""
     from semivss.engine.checkpoint import atomic_write
+    from semivss.inference.writers import check_new_output
 
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise SemivssError(f"{path} exists; pass --overwrite to replace it")
+    path = check_new_output(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(record, indent=2, sort_keys=False, default=str) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))

@@ -106,21 +106,26 @@ def test_kill9_inside_checkpoint_writes_resumes_bit_identical(setup, record_prop
 def test_kill9_at_random_times_resumes_bit_identical(setup, record_property) -> None:
     rng = random.Random(int(os.environ.get("SEMIVSS_FAULT_SEED", "0")))
     out = setup["root"] / "random"
-    kills = 0
+    kills = mid_run = 0
     for _ in range(3):
         if (out / "model.safetensors").exists():
             break
         args = [sys.executable, "-c", "from semivss.cli import main; main()", "train", str(setup["cfg"]),
                 "--out", str(out)] + (["--resume"] if (out / "config.yaml").exists() else [])
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-        time.sleep(rng.uniform(1.0, 6.0))  # imports, data indexing, any step or checkpoint write
+        deadline = time.time() + 120  # from the moment the run has started writing: any step or write
+        while proc.poll() is None and not (out / "config.yaml").exists() and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 2.0))
         if proc.poll() is None:
             proc.kill()
             kills += 1
+            mid_run += (out / "checkpoints" / "last.pt").exists()  # killed between checkpoints
         proc.wait()
     _finish(setup["cfg"], out)
     _same_weights(setup["straight"], out / "model.safetensors")
     record_property("fault_cases", kills)
+    record_property("mid_run_kills", mid_run)
 
 
 def test_kill9_of_pseudo_labelling_writes_every_frame_once(setup, record_property) -> None:
@@ -138,6 +143,7 @@ def test_kill9_of_pseudo_labelling_writes_every_frame_once(setup, record_propert
     proc.kill()
     proc.wait()
     written_before = len(list(out.glob("labels/*/*.png")))  # a frame is done when its label PNG exists
+    assert proc.returncode == -signal.SIGKILL  # killed mid-set, not finished
     res = _cli(*base, "--out", out, "--resume")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["complete"] is True

@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-from semivss.sections import Section
+from pydantic import Field, field_validator, model_validator
 
 from semivss.data.formats import load_dataset
 from semivss.data.remap import LabelMap
@@ -15,6 +13,7 @@ from semivss.data.splits import Split, all_labeled, every_kth, one_unlabeled_per
 from semivss.data.transforms import ClipAugment
 from semivss.data.video import VideoSet
 from semivss.registry import FORMATS
+from semivss.sections import Section
 
 __all__ = ["SplitConfig", "DataConfig", "build_split", "build_augment", "load_videosets"]
 
@@ -23,8 +22,6 @@ class SplitConfig(Section):
     """Which training frames are labeled (docs/protocols.md#2-benchmark-camvid-ssvs): every k-th
     annotated frame of each video (camvid-ssvs), one frame per video at `position`, or all
     annotated frames."""
-
-    model_config = ConfigDict(extra="forbid")
 
     mode: Literal["every_kth", "single", "all"] = "every_kth"
     k: int = Field(8, ge=1)
@@ -45,8 +42,6 @@ class SplitConfig(Section):
 
 class DataConfig(Section):
     """Dataset, split and training-augmentation settings (evaluation resize lives elsewhere)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     format: str  # a name registered in semivss.registry.FORMATS
     root: Path

@@ -9,8 +9,6 @@ Errors are the readers' own DataErrors, naming the file.
 
 from __future__ import annotations
 
-import sys
-import time
 from collections.abc import Sequence
 
 from semivss.data.video import FrameRef, VideoSet
@@ -19,19 +17,18 @@ __all__ = ["preflight"]
 
 
 def preflight(
-    checks: Sequence[tuple[VideoSet, Sequence[FrameRef], bool]], progress: bool | None = None,
-    report: bool = True,
+    checks: Sequence[tuple[VideoSet, Sequence[FrameRef], bool]], report: bool = True
 ) -> dict[str, int]:
     """Check ``(videoset, frames, decode)`` groups: ``decode`` reads image and label in full,
-    otherwise the image header only. Returns counts; raises the first DataError."""
-    from semivss.inference.evaluate import make_progress
+    otherwise the image header only. Returns counts; raises the first DataError. ``report``:
+    show the progress (``make_progress``: a bar on a terminal, lines otherwise; False on DDP
+    ranks other than 0)."""
+    from semivss.progress import make_progress
 
     total = sum(len(frames) for _, frames, _ in checks)
-    show = report and (sys.stderr.isatty() if progress is None else progress)
-    start = time.perf_counter()
     decoded = headers = 0
-    with make_progress(show) as bar:
-        task = bar.add_task("checking frames", total=total)
+    with make_progress(report) as bar:
+        task = bar.add_task("checking frames before training", total=total)
         for videoset, frames, decode in checks:
             for ref in frames:
                 if decode:
@@ -43,8 +40,4 @@ def preflight(
                     videoset.image_size(ref)
                     headers += 1
                 bar.advance(task)
-    seconds = time.perf_counter() - start
-    if report:
-        print(f"[semivss] checked {decoded + headers} frames before training ({decoded} decoded with "
-              f"their labels, {headers} headers) in {seconds:.1f} s", flush=True)
     return {"decoded": decoded, "headers": headers}

@@ -70,6 +70,16 @@ def atomic_write(path: str | Path, write: Any, durable: bool = True) -> None:
         _fsync_dir(path.parent)
 
 
+def remove_stale_temps(folder: str | Path, name: str = "*") -> int:
+    """Delete the temp files (``.<name>.<random>.tmp``) that :func:`atomic_write` calls killed
+    before their rename left in ``folder``; returns how many."""
+    n = 0
+    for stale in Path(folder).glob(f".{name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
 def _refused_write(f: Any) -> OSError | None:
     """The OSError behind a RuntimeError of torch.save (its C++ zip writer drops the errno, and
     its cleanup may raise a second, unrelated-looking one): a file-size limit reached (EFBIG) or

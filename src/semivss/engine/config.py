@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from semivss.sections import Section
 
@@ -20,8 +20,6 @@ class OptimConfig(Section):
     ``lr`` is the base (backbone) learning rate; the head group of every trainable model gets
     ``lr * head_lr_mult``. All parameters are weight-decayed, as in the reference code.
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.01, gt=0)
@@ -45,8 +43,6 @@ class ScheduleConfig(Section):
     linear warm-up of the factor from ``warmup_ratio`` to 1 over ``warmup_iters`` (mmcv convention:
     the warm-up multiplies the regular schedule). ``min_lr`` is the floor of the base LR (each group
     floors at its own multiple of it)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     iters: int = Field(1000, ge=1)
     policy: Literal["poly", "cosine", "constant"] = "poly"
@@ -72,8 +68,6 @@ class TrainConfig(Section):
     ``malloc_tuning`` keeps freed activation buffers in the glibc heap (``engine.memory``). ``eval_interval=0`` evaluates only at the end. ``sync_bn`` applies on CUDA with more
     than one process only.
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     seed: int = Field(0, ge=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

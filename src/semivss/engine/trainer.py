@@ -26,6 +26,7 @@ from semivss.engine.checkpoint import (
     atomic_write,
     capture_rng,
     load_checkpoint,
+    remove_stale_temps,
     restore_rng,
     save_checkpoint,
 )
@@ -102,7 +103,9 @@ def _plain(obj: Any, where: str) -> Any:
 RESUME_ONLY: frozenset[str] = frozenset({"optimizer", "scheduler", "scaler", "method", "rng"})
 
 
-RUN_OUTPUTS = ("checkpoints/last.pt", "checkpoints/best.pt", "model.safetensors", "metrics.csv", "tb")
+# what a run has learned (weights) and everything it writes; a folder holding any of these is a run
+RUN_WEIGHTS = ("checkpoints/last.pt", "checkpoints/best.pt", "model.safetensors")
+RUN_OUTPUTS = (*RUN_WEIGHTS, "metrics.csv", "tb")
 
 
 def check_run_dir(out_dir: str | Path, resume: bool) -> None:
@@ -262,9 +265,7 @@ class Trainer:
                 check_run_dir(self.out_dir, resume)
             except DataError as exc:
                 msg = str(exc)
-            if self.ckpt_dir.is_dir():
-                for stale in self.ckpt_dir.glob(".*.pt.*.tmp"):
-                    stale.unlink(missing_ok=True)
+            remove_stale_temps(self.ckpt_dir, "*.pt")
         msg = broadcast_object(msg)
         if msg is not None:
             raise DataError(msg)

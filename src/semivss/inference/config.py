@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import field_validator, model_validator
 
 from semivss.sections import Section
 
@@ -28,8 +28,6 @@ class EvalConfig(Section):
     (or the original size) times each scale, optionally also horizontally flipped; each view's
     softmax at the output resolution is averaged. ``(1.0,)`` without flip is plain single-scale inference.
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     mode: Literal["whole", "slide"] = "whole"
     size: tuple[int, int] | None = (240, 320)

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from semivss.data.video import FrameRef
 from semivss.engine import dist
-from semivss.engine.checkpoint import atomic_write
+from semivss.engine.checkpoint import atomic_write, remove_stale_temps
 from semivss.errors import ConfigError, DataError, SemivssError
 from semivss.inference.evaluate import make_progress
 from semivss.inference.predict import ProbFn
@@ -204,9 +204,8 @@ def _prepare_output(out_dir: Path, manifest: dict[str, Any], resume: bool, overw
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputExistsError(f"{out_dir}: exists and is not a directory")
     if out_dir.is_dir():  # temp files of writes a killed run left behind
-        for pattern in (".*.tmp", "labels/*/.*.tmp", "entropy/*/.*.tmp"):
-            for stale in out_dir.glob(pattern):
-                stale.unlink(missing_ok=True)
+        for folder in (out_dir, *out_dir.glob("labels/*"), *out_dir.glob("entropy/*")):
+            remove_stale_temps(folder)
     non_empty = out_dir.is_dir() and any(out_dir.iterdir())
     if non_empty and resume:
         old = load_manifest(out_dir)

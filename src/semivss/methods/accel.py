@@ -15,9 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
-
-from semivss.sections import Section
+from pydantic import Field
 from torch import Tensor, nn
 
 from semivss.data.requests import LabeledRequest
@@ -27,6 +25,7 @@ from semivss.models.accel import AccelNet
 from semivss.models.ensemble import ExportSpec
 from semivss.models.flow import build_flow
 from semivss.registry import METHODS
+from semivss.sections import Section
 
 
 @METHODS.register("accel")
@@ -36,7 +35,6 @@ class AccelFusion(Method):
     name: ClassVar[str] = "accel"
 
     class Config(Section):
-        model_config = ConfigDict(extra="forbid")
         reference: str = Field(..., description="Trained per-frame checkpoint of the reference branch.")
         update: str | None = Field(None, description="Checkpoint of the update branch (default: the reference's).")
         update_scale: float = Field(0.5, gt=0, le=4, description="Input scale of the update branch.")

@@ -9,15 +9,14 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, ValidationError
-
-from semivss.sections import Section
+from pydantic import BaseModel, ValidationError
 from torch import Tensor, nn
 
 from semivss.data.requests import DataRequest, LabeledRequest
 from semivss.errors import ConfigError
 from semivss.models.ensemble import ExportSpec, build_inference_model
 from semivss.ops import resize
+from semivss.sections import Section
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,7 @@ class Method:
     name: ClassVar[str] = "base"
 
     class Config(Section):
-        model_config = ConfigDict(extra="forbid")
+        """A method's settings (``method:`` in the config); the base method has none."""
 
     def __init__(
         self,

@@ -15,9 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
-
-from semivss.sections import Section
+from pydantic import Field
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -25,6 +23,7 @@ from semivss.data.requests import OverlapRequest
 from semivss.errors import ConfigError
 from semivss.methods.base import DataSpec, Method, seg_ce_loss, unwrap
 from semivss.registry import METHODS
+from semivss.sections import Section
 
 __all__ = ["CAC", "Projector", "directional_contrastive_loss"]
 
@@ -90,8 +89,6 @@ class CAC(Method):
 
     class Config(Section):
         """``method:`` parameters (defaults: the official Cityscapes/VOC configs)."""
-
-        model_config = ConfigDict(extra="forbid")
 
         unsup_weight: float = Field(0.1, ge=0.0)
         temperature: float = Field(0.1, gt=0.0)

@@ -14,9 +14,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from semivss.sections import Section
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from semivss.data.requests import UnlabeledRequest
@@ -34,6 +32,7 @@ from semivss.methods.parts import (
 from semivss.models.ensemble import ExportSpec, ProbAverage
 from semivss.ops import resize
 from semivss.registry import METHODS
+from semivss.sections import Section
 
 __all__ = ["CPS", "ProbAverage"]
 
@@ -55,8 +54,6 @@ class CPS(ThresholdCheckpoint, Method):
 
     class Config(Section):
         """``method:`` parameters of CPS."""
-
-        model_config = ConfigDict(extra="forbid")
 
         cps_weight: float = Field(1.5, ge=0.0)
         cutmix: bool = True

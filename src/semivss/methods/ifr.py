@@ -16,9 +16,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from semivss.sections import Section
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from semivss.data.requests import LabeledRequest, UnlabeledRequest
@@ -28,6 +26,7 @@ from semivss.methods.parts import ignore_invalid
 from semivss.models.config import archs_with
 from semivss.ops import resize
 from semivss.registry import ARCHS, METHODS
+from semivss.sections import Section
 
 GROUPS = ("x", "src", "src_s", "u0", "u1", "u1_s")
 GroupName = Literal["x", "src", "src_s", "u0", "u1", "u1_s"]
@@ -124,8 +123,6 @@ class IFR(Method):
 
     class Config(Section):
         """``method:`` parameters of IFR (defaults = the official Cityscapes setting)."""
-
-        model_config = ConfigDict(extra="forbid")
 
         temperature_attn: float = Field(0.5, gt=0, description="cosine-attention temperature")
         temperature_logits: float = Field(0.01, gt=0, description="reconstructed logits / this")

@@ -17,9 +17,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from semivss.sections import Section
+from pydantic import BaseModel, Field, model_validator
 from torch import Tensor, nn
 
 from semivss.data.requests import PseudoRequest
@@ -36,6 +34,7 @@ from semivss.methods.parts import (
 )
 from semivss.ops import resize, resize_labels
 from semivss.registry import METHODS
+from semivss.sections import Section
 
 __all__ = ["ReliableConfig", "SelfTraining", "default_gamma", "split_reliable"]
 
@@ -51,8 +50,6 @@ class ReliableConfig(Section):
     ``threshold``: entropy < ``gamma`` nats (default ``0.5 ln C``); ``percentile``: the ``keep``
     fraction of the batch's valid pixels with the lowest entropy (default 0.8, U2PL's initial
     share), of each pseudo-labeled class separately with ``classwise`` (Eq. (CR-3))."""
-
-    model_config = ConfigDict(extra="forbid")
 
     mode: Literal["threshold", "percentile"] = "threshold"
     gamma: float | None = Field(None, gt=0.0)

@@ -17,9 +17,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from semivss.sections import Section
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from semivss.data.requests import UnlabeledRequest
@@ -36,6 +34,7 @@ from semivss.methods.parts import (
 )
 from semivss.ops import resize
 from semivss.registry import METHODS
+from semivss.sections import Section
 
 __all__ = ["UniMatch", "confident_ce", "feature_dropout"]
 
@@ -93,8 +92,6 @@ class UniMatch(ThresholdCheckpoint, Method):
     class Config(Section):
         """``method:`` parameters of UniMatch (defaults: official Pascal config,
         docs/methods.md#6-unimatch)."""
-
-        model_config = ConfigDict(extra="forbid")
 
         conf_thresh: float = Field(0.95, ge=0.0, le=1.0)
         fp_dropout: float = Field(0.5, ge=0.0, lt=1.0)

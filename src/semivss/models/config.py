@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-from semivss.sections import Section
+from pydantic import Field, field_validator, model_validator
 
 from semivss.registry import ARCHS
+from semivss.sections import Section
 
 Backbone = Literal["mobilenet_v2", "resnet18", "resnet34", "resnet50", "resnet101"]
 
@@ -78,8 +77,6 @@ class ModelConfig(Section):
     ``rep_head`` must keep their defaults; ``dropout`` is SegFormer's classifier dropout and
     must keep its default for mask2former/upernet (set their dropouts through ``hf_config``).
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     arch: str = "deeplabv3plus"  # a name registered in semivss.registry.ARCHS
     backbone: Backbone = "mobilenet_v2"

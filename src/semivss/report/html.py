@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from semivss.engine.checkpoint import atomic_write
+from semivss.inference.writers import check_new_output
 from semivss.errors import SemivssError
 from semivss.metrics.report import _pct, _vc_keys
 from semivss.report import plots
@@ -270,8 +271,7 @@ def write_report(paths: Sequence[str | Path], out: str | Path, names: Sequence[s
         raise SemivssError(f"--name given {len(names)} times for {len(paths)} runs")
     if out.is_dir():
         raise SemivssError(f"--out {out} is a folder; give the HTML file to write (e.g. {out / 'report.html'})")
-    if out.exists() and not overwrite:
-        raise SemivssError(f"{out} exists; pass --overwrite to replace it or choose another --out")
+    check_new_output(out, overwrite)
     sources = []
     for i, p in enumerate(paths):
         say(f"report: reading {p}")

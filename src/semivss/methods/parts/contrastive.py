@@ -15,12 +15,11 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from semivss.sections import Section
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from semivss.methods.parts.memory_bank import ClassMemoryBank, gather_rows
+from semivss.sections import Section
 
 __all__ = ["ContrastiveSettings", "class_ranks", "u2pl_contrastive_loss", "u2pl_negative_masks"]
 
@@ -34,8 +33,6 @@ class ContrastiveSettings(Section):
     equals an uninterrupted one; a full bank is ``num_classes x memory_size x D`` float32 (~340 MB
     for CamVid's 11 classes at D = 256). False keeps checkpoints small and a resumed run refills
     the bank from empty, as the official U2PL code does."""
-
-    model_config = ConfigDict(extra="forbid")
 
     num_anchors: int = Field(256, ge=1)
     num_negatives: int = Field(50, ge=1)
