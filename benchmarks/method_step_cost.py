@@ -9,6 +9,13 @@ background load slows them alike.
 
     python benchmarks/method_step_cost.py                       # camvid-ssvs 1/8 configs
     python benchmarks/method_step_cost.py --iters 2 --size 64x64 configs/synthetic/{supervised,u2pl}.yaml
+    python benchmarks/method_step_cost.py --flops --record results/benchmarks/method_step_cost-X.json
+
+``--flops`` also counts the floating-point operations of one step of each method
+(``torch.utils.flop_counter``: convolutions and matrix products, forward and backward), which do
+not depend on the machine or its load: time ratio / FLOP ratio above 1 means the method spends
+time outside those kernels (memory-bound ops, Python, sampling), a FLOP ratio above a target
+means no kernel speed-up alone can meet it.
 """
 
 from __future__ import annotations
@@ -46,6 +53,10 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="auto (bf16 autocast on CPUs with native bf16, as train.precision) | fp32 | bf16")
     p.add_argument("--profile", default=None, metavar="CONFIG_STEM",
                    help="also print a torch.profiler table of one step of this config")
+    p.add_argument("--flops", action="store_true",
+                   help="also count the FLOPs of one step of each config (machine-independent)")
+    p.add_argument("--record", default=None, metavar="JSON",
+                   help="write the table as a record (results.write_record; an existing file is refused)")
     args = p.parse_args(argv)
     if args.iters < 1 or args.warmup < 0:
         p.error("--iters must be >= 1 and --warmup >= 0")
@@ -173,12 +184,42 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{machine_info()['cpu']}; {precision.name} + channels_last; {args.iters} timed "
           f"steps each after {args.warmup} warm-up; data loading excluded")
-    ref = statistics.median(next(iter(runs.values()))["times"])
-    print("| config | method | images in batch | median s/step | x first |")
-    print("|---|---|---|---|---|")
+    if args.flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        for r in runs.values():
+            with FlopCounterMode(display=False) as counter:
+                step(r, args.warmup + args.iters)
+            r["flops"] = counter.get_total_flops()
+    first = next(iter(runs.values()))
+    ref = statistics.median(first["times"])
+    head = "| config | method | images in batch | median s/step | x first |"
+    head += " GFLOP/step | FLOPs x first |" if args.flops else ""
+    print(head)
+    print("|---|---|---|---|---|" + ("---|---|" if args.flops else ""))
+    rows = []
     for key, r in runs.items():
         med = statistics.median(r["times"])
-        print(f"| {key} | {r['name']} | {r['images']} | {med:.3f} | {med / ref:.2f}x |")
+        row = {"config": key, "method": r["name"], "images": r["images"],
+               "median_s_per_step": round(med, 3), "vs_first": round(med / ref, 2)}
+        line = f"| {key} | {r['name']} | {r['images']} | {med:.3f} | {med / ref:.2f}x |"
+        if args.flops:
+            row.update(gflop_per_step=round(r["flops"] / 1e9, 1), flops_vs_first=round(r["flops"] / first["flops"], 2))
+            line += f" {r['flops'] / 1e9:.1f} | {r['flops'] / first['flops']:.2f}x |"
+        rows.append(row)
+        print(line)
+    if args.record:
+        from semivss.results import git_commit, write_record
+
+        write_record({
+            "benchmark": "benchmarks/method_step_cost.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "commit": git_commit(Path.cwd()), "machine": machine_info(),
+            "precision": f"{precision.name} + channels_last", "threads": torch.get_num_threads(),
+            "crop": args.size or "each config's data.crop_size",
+            "notes": "random batches, data loading excluded; methods interleaved one step each",
+            "rows": rows,
+        }, args.record)
+        print(f"record -> {args.record}")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 

@@ -5,7 +5,12 @@
 # the method has one, are copies of it), each for ITERS more iterations with the same schedule.
 # Every row is evaluated on val (single scale, offsets) and written as a record under RESULTS.
 # Usage: scripts/ssl_protocol.sh RATIO [ROW ...]   RATIO: 8 | 16; ROW: control | u2pl | cps | cac |
-#        unimatch | ifr (default: control and every method with a config at that ratio).
+#        unimatch | ifr | recipe (default: control and every method with a config at that ratio).
+# The recipe row is the offline teacher-student recipe (docs/methods.md#7) warm-started the same way:
+# an OS8 teacher trained 300 iterations from the base, pseudo-labels of every unlabeled training
+# frame from the teacher + base ensemble with multi-scale + flip TTA, then the student (a copy of the
+# base) trained ITERS iterations on labeled + pseudo-labeled frames with the control's schedule and
+# the stricter entropy threshold RECIPE_GAMMA (default 0.5 nats).
 # Environment: RUNS (default runs/ssl), CAMVID (CamVid root), ITERS (default 1000), SEED (adds
 # --set train.seed=SEED and a -sSEED suffix to the row), RESULTS (default results/camvid-ssvs-1-RATIO),
 # OVERRIDES (more --set options for the rows, e.g. for a smoke test), BASE_ONLY=1 (stop after the base).
@@ -55,8 +60,26 @@ fi
 
 [ -n "${BASE_ONLY:-}" ] && exit 0
 
+recipe_row() {  # the offline recipe, warm-started: teacher, pseudo-label set, student
+  local teacher=$RUNS/$P-recipe-teacher$SUFFIX pseudo=$RUNS/$P-recipe-pseudo$SUFFIX
+  local out=$RUNS/$P-recipe-warm$SUFFIX seed=()
+  [ -n "${SEED:-}" ] && seed=(--set train.seed="$SEED")
+  train "$CFG/recipe/teacher.yaml" "$teacher" --set name="$P-recipe-teacher$SUFFIX" \
+    --set model.init_from="$BASE_MODEL" --set data.split.k="$K" "${seed[@]}" ${OVERRIDES:-}
+  local pl=(semivss pseudo-label "$teacher/model.safetensors" --ensemble "$BASE_MODEL" --weights 2,1
+            --scales 0.75,1,1.25,1.5 --flip --data "$DATA" --format camvid --split train
+            --label-every "$K" --out "$pseudo")
+  if [ -f "$pseudo/manifest.json" ]; then "${pl[@]}" --resume; else "${pl[@]}"; fi
+  train "$CFG/recipe/student_self_training.yaml" "$out" --set name="$P-recipe-warm$SUFFIX" \
+    --set model.init_from="$BASE_MODEL" --set data.pseudo_labels="$pseudo" --set data.split.k="$K" \
+    --set schedule.iters="$ITERS" --set schedule.warmup_iters=0 --set optim.lr=0.01 \
+    --set method.reliable.gamma="${RECIPE_GAMMA:-0.5}" "${seed[@]}" ${OVERRIDES:-}
+  evaluate_and_record "$out" "recipe$SUFFIX"
+}
+
 # 2. control and warm-started methods
 for row in "${ROWS[@]}"; do
+  if [ "$row" = recipe ]; then recipe_row; continue; fi
   m=$row; [ "$row" = control ] && m=supervised
   cfg=$CFG/${m}_1-$K.yaml
   [ -f "$cfg" ] || { echo "no config $cfg for row $row" >&2; exit 2; }

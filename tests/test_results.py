@@ -117,6 +117,38 @@ def test_table_refuses_rows_from_different_starting_weights(tmp_path: Path) -> N
         results_markdown(recs, baseline="control")
 
 
+def test_rows_started_from_reexported_weights_compare_by_tensors(tmp_path: Path) -> None:
+    """Two exports of the same tensors whose headers differ (e.g. a config field added since)
+    have different file hashes but one tensor hash, so their rows share a table; other values
+    do not."""
+    import torch
+    from safetensors.torch import save_file
+
+    from semivss.results import tensors_sha256
+
+    w = {"b": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a": torch.tensor(3), "h": torch.ones(2, dtype=torch.bfloat16)}
+    old, new, other = tmp_path / "old.safetensors", tmp_path / "new.safetensors", tmp_path / "other.safetensors"
+    save_file(w, str(old), metadata={"semivss_meta": "{}"})
+    save_file(w, str(new), metadata={"semivss_meta": '{"model": {"rep_stride": 4}}'})
+    save_file({**w, "a": torch.tensor(4)}, str(other))
+    assert old.read_bytes() != new.read_bytes()
+    assert tensors_sha256(old) == tensors_sha256(new) != tensors_sha256(other)
+    assert tensors_sha256(tmp_path / "missing.safetensors") is None
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    assert tensors_sha256(tmp_path / "junk.safetensors") is None
+    recs = []
+    for name, start in (("control", old), ("ifr", new), ("cps", other)):
+        run = fake_run(tmp_path, name, 0.6, [0.5])
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        cfg["model"] = {"init_from": str(start)}
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        recs.append(make_record(run))
+    assert recs[0]["init_from_sha256"] != recs[1]["init_from_sha256"]
+    results_markdown(recs[:2], baseline="control")
+    with pytest.raises(SemivssError, match="different weights"):
+        results_markdown(recs, baseline="control")
+
+
 def test_offsets_table_side_by_side_with_the_train_gap() -> None:
     from semivss.results import offsets_markdown
 

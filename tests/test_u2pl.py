@@ -196,6 +196,34 @@ def test_real_deeplab_with_rep_head_runs_a_step() -> None:
     assert method.bank.dim == 256
 
 
+def test_pseudo_label_pass_skips_the_representation_head_with_equal_losses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The teacher's pseudo-labelling pass runs without the representation head (its output is
+    unused there); the step's losses equal those of a step that computes it."""
+    import contextlib
+
+    import semivss.methods.u2pl as u2pl_mod
+    from semivss.models import representation_off
+
+    model = build_model(ModelConfig(pretrained=None, rep_head=True), NUM_CLASSES).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with representation_off(model):
+        assert "rep" not in model(x)
+    assert "rep" in model(x)  # restored
+
+    def step(skip: bool) -> dict[str, Tensor]:
+        if not skip:
+            monkeypatch.setattr(u2pl_mod, "representation_off", lambda m: contextlib.nullcontext())
+        torch.manual_seed(0)
+        method = U2PL({"num_anchors": 16, "num_negatives": 8}, NUM_CLASSES)
+        models = method.build_models(lambda: build_model(ModelConfig(pretrained=None, rep_head=True), NUM_CLASSES))
+        models.train()
+        return method.training_step(models, toy_batch(size=32), 5, 10)
+
+    skipped, full = step(True), step(False)
+    for key in ("loss", "loss_sup", "loss_unsup", "loss_contra", "reliable_ratio"):
+        torch.testing.assert_close(skipped[key], full[key], rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------ padding (valid) mask
 def _padding_mask(n_u: int = 3, size: int = 16) -> Tensor:
     """(B,1,H,W) validity: sample 0 has its bottom half padded, sample 1 its left 5 columns,

@@ -77,6 +77,32 @@ def file_sha256(path: Path) -> str | None:
     return digest.hexdigest()
 
 
+def tensors_sha256(path: Path) -> str | None:
+    """Hash of a safetensors file's tensors (names, dtypes, shapes and values in name order),
+    blind to its header metadata: two exports of the same weights with different configs in
+    their headers hash alike. None when the file is not there or not a safetensors file."""
+    if not path.is_file():
+        return None
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    digest = hashlib.sha256()
+    try:
+        with safe_open(str(path), "pt") as f:
+            for key in sorted(f.keys()):
+                t = f.get_tensor(key)
+                digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+                digest.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    except (SafetensorError, OSError, TypeError, ValueError):
+        return None
+    return digest.hexdigest()
+
+
+def start_identity(record: dict[str, Any]) -> str | None:
+    """Which weights a row started from: the tensors' hash when the record has it, else the file's."""
+    return record.get("init_from_tensors_sha256") or record.get("init_from_sha256")
+
+
 def _trained_at(run: Path) -> list[dict[str, Any]] | None:
     """The commits and machines the run was started / resumed on (``provenance.jsonl``)."""
     path = run / "provenance.jsonl"
@@ -133,6 +159,7 @@ def make_record(run: str | Path, eval_dir: str | Path | None = None, name: str |
         "s_per_it": s_per_it,
         "weights_sha256": file_sha256(run / "model.safetensors"),
         "init_from_sha256": file_sha256(Path(init_from)) if init_from else None,
+        "init_from_tensors_sha256": tensors_sha256(Path(init_from)) if init_from else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "notes": notes,
     }
@@ -186,9 +213,9 @@ def results_markdown(records: list[dict[str, Any]], baseline: str | None = None,
         ref = next((r for r in records if r["name"] == baseline), None)
         if ref is None:
             raise SemivssError(f"--baseline {baseline!r} is not one of {names}")
-        starts = {r["name"]: r.get("init_from_sha256") for r in records if r.get("init_from_sha256")}
+        starts = {r["name"]: start_identity(r) for r in records if start_identity(r)}
         if len(set(starts.values())) > 1:
-            raise SemivssError(f"rows start from different weights (init_from_sha256): {starts}; "
+            raise SemivssError(f"rows start from different weights (init_from_[tensors_]sha256): {starts}; "
                                "compare rows of one base model only")
     vcs = sorted({k for r in records for k in r["metrics"] if k.startswith("VC")}, key=lambda k: int(k[2:]))
     head = ["row", "mIoU"] + ([f"vs {ref['name']}"] if ref else []) + ["fwIoU", *vcs, "iterations",

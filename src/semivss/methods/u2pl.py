@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from semivss.data.requests import UnlabeledRequest
 from semivss.errors import ConfigError
 from semivss.methods.base import DataSpec, ExportSpec, Method, seg_ce_loss, unwrap
+from semivss.models.heads import representation_off
 from semivss.methods.parts import (
     BankCheckpoint,
     ClassMemoryBank,
@@ -155,7 +156,7 @@ class U2PL(BankCheckpoint, Method):
         gen = step_generator()
 
         # 1-2. pseudo-labels from the eval-mode teacher on the weak view; CutMix strong view
-        with torch.no_grad():
+        with torch.no_grad(), representation_off(teacher):  # only the logits are used here
             teacher.eval()
             prob_w = torch.softmax(resize(teacher(x_u)["logits"].float(), size), dim=1)
             if cfg.teacher_flip:  # average with the teacher's prediction of the mirrored frame

@@ -20,6 +20,7 @@ from semivss.models.heads import (
     PSPDecoder,
     PyramidPooling,
     RepresentationHead,
+    representation_off,
 )
 from semivss.models.hf import (
     HFSegModel,
@@ -47,6 +48,7 @@ from semivss.models.weights import (
 )
 
 __all__ = [
+    "representation_off",
     "ASPP",
     "ENCODER_NAMES",
     "DeepLabV3PlusDecoder",

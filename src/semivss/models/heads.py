@@ -7,7 +7,8 @@ Each decoder maps the encoder outputs ``(low, high)`` to ``{"feature": (B,D,h,w)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ __all__ = [
     "RepresentationHead",
     "aspp_rates",
     "init_head",
+    "representation_off",
 ]
 
 
@@ -135,16 +137,33 @@ class DeepLabV3PlusDecoder(nn.Module):
         )
         self.feature_dim = feature_dim
         self.stride = 4
+        self.rep_enabled = True  # False (representation_off): a pass that needs no "rep" skips the head
 
     def forward(self, low: Tensor, high: Tensor) -> dict[str, Tensor]:
         aspp_up = resize(self.aspp(high), low.shape[-2:])
         out = {"feature": self.fuse(torch.cat([self.low_proj(low), aspp_up], dim=1))}
-        if self.rep is not None:
+        if self.rep is not None and self.rep_enabled:
             if self.rep_stride == 8:  # the head on 2x2-pooled inputs: a quarter of its FLOPs
                 out["rep"] = self.rep(F.avg_pool2d(low, 2), F.avg_pool2d(aspp_up, 2))
             else:
                 out["rep"] = self.rep(low, aspp_up)
         return out
+
+
+@contextmanager
+def representation_off(model: nn.Module) -> Iterator[None]:
+    """Within the block, ``model``'s representation heads are skipped (no ``out["rep"]``): for
+    passes that use only the logits, e.g. U2PL's pseudo-labelling teacher pass, where the head at
+    stride 4 costs more than the rest of the decoder."""
+    decoders = [m for m in model.modules() if isinstance(m, DeepLabV3PlusDecoder) and m.rep is not None]
+    states = [m.rep_enabled for m in decoders]
+    for m in decoders:
+        m.rep_enabled = False
+    try:
+        yield
+    finally:
+        for m, state in zip(decoders, states):
+            m.rep_enabled = state
 
 
 class PyramidPooling(nn.Module):
