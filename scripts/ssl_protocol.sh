@@ -10,7 +10,8 @@
 # an OS8 teacher trained 300 iterations from the base, pseudo-labels of every unlabeled training
 # frame from the teacher + base ensemble with multi-scale + flip TTA, then the student (a copy of the
 # base) trained ITERS iterations on labeled + pseudo-labeled frames with the control's schedule and
-# the stricter entropy threshold RECIPE_GAMMA (default 0.5 nats).
+# the stricter entropy threshold RECIPE_GAMMA (default 0.5 nats); RECIPE_REP_STRIDE=8 runs the
+# student's representation head at stride 8 (model.rep_stride; default 4, the official head).
 # Environment: RUNS (default runs/ssl), CAMVID (CamVid root), ITERS (default 1000), SEED (adds
 # --set train.seed=SEED and a -sSEED suffix to the row), RESULTS (default results/camvid-ssvs-1-RATIO),
 # OVERRIDES (more --set options for the rows, e.g. for a smoke test), BASE_ONLY=1 (stop after the base).
@@ -73,7 +74,8 @@ recipe_row() {  # the offline recipe, warm-started: teacher, pseudo-label set, s
   train "$CFG/recipe/student_self_training.yaml" "$out" --set name="$P-recipe-warm$SUFFIX" \
     --set model.init_from="$BASE_MODEL" --set data.pseudo_labels="$pseudo" --set data.split.k="$K" \
     --set schedule.iters="$ITERS" --set schedule.warmup_iters=0 --set optim.lr=0.01 \
-    --set method.reliable.gamma="${RECIPE_GAMMA:-0.5}" "${seed[@]}" ${OVERRIDES:-}
+    --set method.reliable.gamma="${RECIPE_GAMMA:-0.5}" --set model.rep_stride="${RECIPE_REP_STRIDE:-4}" \
+    "${seed[@]}" ${OVERRIDES:-}
   evaluate_and_record "$out" "recipe$SUFFIX"
 }
 

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from semivss.errors import DataError
@@ -269,6 +270,22 @@ def _infonce(anchor: np.ndarray, pos: np.ndarray, negs: list[np.ndarray], t: flo
 def _pixels(*vectors: list[float]) -> torch.Tensor:
     """(1, D, 1, P) feature map from P D-dim vectors."""
     return torch.tensor(vectors, dtype=torch.float32).T.reshape(1, -1, 1, len(vectors))
+
+
+def test_cosine_logits_equal_torch_cosine_similarity_with_gradients() -> None:
+    from semivss.methods.parts.contrastive import cosine_logits
+
+    gen = torch.Generator().manual_seed(0)
+    anchor = torch.randn(7, 5, generator=gen, requires_grad=True)
+    keys = torch.randn(7, 4, 5, generator=gen)
+    keys[0, 1] *= 1e-3  # a short vector
+    ref = F.cosine_similarity(anchor.unsqueeze(1), keys, dim=2) / 0.5
+    out = cosine_logits(anchor, keys, 0.5)
+    torch.testing.assert_close(out, ref)
+    w = torch.randn(7, 4, generator=gen)
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), anchor)
+    (g_out,) = torch.autograd.grad((out * w).sum(), anchor)
+    torch.testing.assert_close(g_out, g_ref)
 
 
 def test_contrastive_loss_equals_hand_computation() -> None:

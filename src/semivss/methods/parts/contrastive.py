@@ -21,7 +21,9 @@ from torch import Tensor
 from semivss.methods.parts.memory_bank import ClassMemoryBank, gather_rows
 from semivss.sections import Section
 
-__all__ = ["ContrastiveSettings", "class_ranks", "u2pl_contrastive_loss", "u2pl_negative_masks"]
+_EPS = 1e-8  # F.cosine_similarity's default eps
+
+__all__ = ["ContrastiveSettings", "class_ranks", "cosine_logits", "u2pl_contrastive_loss", "u2pl_negative_masks"]
 
 
 class ContrastiveSettings(Section):
@@ -60,6 +62,16 @@ def class_ranks(prob: Tensor) -> Tensor:
     src = torch.arange(c, device=prob.device).view(1, c, 1, 1).expand_as(order)
     ranks.scatter_(1, order, src)
     return ranks
+
+
+def cosine_logits(anchor: Tensor, keys: Tensor, temperature: float) -> Tensor:
+    """``cos(anchor[a], keys[a, j]) / temperature`` as ``(A, J)``, for anchors ``(A, D)`` and keys
+    ``(A, J, D)`` (Eq. (U2PL-5)'s similarities; the official code calls ``torch.cosine_similarity``
+    with the anchors broadcast over the keys). A batched product of unit vectors: the
+    ``(A, J, D)`` element-wise products and their gradient are never materialised."""
+    unit = F.normalize(anchor, dim=1, eps=_EPS)
+    keys = F.normalize(keys, dim=2, eps=_EPS)
+    return torch.bmm(keys, unit.unsqueeze(2)).squeeze(2) / temperature
 
 
 def u2pl_negative_masks(
@@ -167,6 +179,6 @@ def u2pl_contrastive_loss(
             negs = negs.view(num_anchors, num_negatives, d)
             pos = protos[k].view(1, 1, d).expand(num_anchors, 1, d)
             keys_k = torch.cat([pos, negs], dim=1)  # (A, 1 + N, D)
-        logits = F.cosine_similarity(anchor.unsqueeze(1), keys_k, dim=2) / temperature
+        logits = cosine_logits(anchor, keys_k, temperature)
         loss = loss + F.cross_entropy(logits, target)
     return loss / len(present)
