@@ -55,6 +55,7 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also print a torch.profiler table of one step of this config")
     p.add_argument("--flops", action="store_true",
                    help="also count the FLOPs of one step of each config (machine-independent)")
+    p.add_argument("--notes", default="", help="a remark stored with the record (e.g. a shared CPU)")
     p.add_argument("--record", default=None, metavar="JSON",
                    help="write the table as a record (results.write_record; an existing file is refused)")
     args = p.parse_args(argv)
@@ -216,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             "commit": git_commit(Path.cwd()), "machine": machine_info(),
             "precision": f"{precision.name} + channels_last", "threads": torch.get_num_threads(),
             "crop": args.size or "each config's data.crop_size",
-            "notes": "random batches, data loading excluded; methods interleaved one step each",
+            "notes": "random batches, data loading excluded; methods interleaved one step each"
+                     + (f"; {args.notes}" if args.notes else ""),
             "rows": rows,
         }, args.record)
         print(f"record -> {args.record}")

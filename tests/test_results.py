@@ -149,6 +149,24 @@ def test_rows_started_from_reexported_weights_compare_by_tensors(tmp_path: Path)
         results_markdown(recs, baseline="control")
 
 
+def test_step_cost_table_has_time_and_flop_ratios() -> None:
+    from semivss.results import step_cost_markdown
+
+    rec = {"benchmark": "benchmarks/method_step_cost.py --flops", "precision": "fp32 + channels_last",
+           "threads": 2, "machine": {"cpu": "CPU X"}, "commit": "abcdef1234", "notes": "random batches",
+           "rows": [{"config": "sup", "method": "supervised", "images": 8, "median_s_per_step": 2.0,
+                     "vs_first": 1.0, "gflop_per_step": 600.0, "flops_vs_first": 1.0},
+                    {"config": "u2pl", "method": "u2pl", "images": 16, "median_s_per_step": 9.0,
+                     "vs_first": 4.5, "gflop_per_step": 2400.0, "flops_vs_first": 4.0}]}
+    lines = step_cost_markdown(rec).splitlines()
+    assert lines[0].startswith("| config | method | images | s/step | time vs first | GFLOP/step")
+    assert lines[3] == "| u2pl | u2pl | 16 | 9.00 | 4.50x | 2400 | 4.00x | 1.12 |"  # 4.5 / 4.0
+    assert "CPU X" in lines[-1] and "abcdef12" in lines[-1]
+    for r in rec["rows"]:  # a record without --flops: time columns only
+        del r["gflop_per_step"], r["flops_vs_first"]
+    assert step_cost_markdown(rec).splitlines()[3] == "| u2pl | u2pl | 16 | 9.00 | 4.50x |"
+
+
 def test_offsets_table_side_by_side_with_the_train_gap() -> None:
     from semivss.results import offsets_markdown
 

@@ -270,6 +270,28 @@ def video_inference_markdown(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def step_cost_markdown(record: dict[str, Any]) -> str:
+    """Markdown of a ``benchmarks/method_step_cost.py --record`` record: per config the images in
+    the batch, median seconds per step and its ratio to the first row, and with ``--flops`` the
+    GFLOP per step and their ratio (the cost floor of the algorithm as configured)."""
+    flops = all("gflop_per_step" in r for r in record["rows"])
+    head = ["config", "method", "images", "s/step", "time vs first"]
+    head += ["GFLOP/step", "FLOPs vs first", "time / FLOPs ratio"] if flops else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in record["rows"]:
+        cells = [r["config"], r["method"], str(r["images"]), f"{r['median_s_per_step']:.2f}",
+                 f"{r['vs_first']:.2f}x"]
+        if flops:
+            cells += [f"{r['gflop_per_step']:.0f}", f"{r['flops_vs_first']:.2f}x",
+                      f"{r['vs_first'] / r['flops_vs_first']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    m = record.get("machine") or {}
+    lines.append("")
+    lines.append(f"`{record['benchmark']}`: {record['precision']}, {record.get('threads', '?')} threads, "
+                 f"{m.get('cpu', '?')}, commit {str(record.get('commit') or '?')[:8]}; {record.get('notes', '')}.")
+    return "\n".join(lines)
+
+
 def offsets_markdown(named: list[tuple[str, list[dict[str, Any]]]]) -> str:
     """Markdown of offset analyses (``offsets.json`` of ``evaluate --offsets``; marker words
     ``NAME=FILE``, split at the last ``=``) side by side: mIoU
@@ -306,9 +328,11 @@ def offsets_markdown(named: list[tuple[str, list[dict[str, Any]]]]) -> str:
 
 def _table_from_args(args: str) -> str:
     """The table a marker asks for: ``DIR [DIR ...] [--baseline ROW] [--no-per-class]``,
-    ``--video-inference FILE`` (a video-inference benchmark record) or ``--offsets NAME=FILE ...``
-    (offset analyses side by side)."""
+    ``--video-inference FILE`` (a video-inference benchmark record), ``--step-cost FILE`` (a
+    method step-cost record) or ``--offsets NAME=FILE ...`` (offset analyses side by side)."""
     words = shlex.split(args)
+    if words and words[0] == "--step-cost":
+        return "\n\n".join(step_cost_markdown(json.loads(Path(w).read_text())) for w in words[1:])
     if words and words[0] == "--video-inference":
         return "\n\n".join(video_inference_markdown(json.loads(Path(w).read_text())) for w in words[1:])
     if words and words[0] == "--offsets":  # --offsets NAME=FILE ...
