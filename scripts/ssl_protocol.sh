@@ -33,6 +33,7 @@ RESULTS=${RESULTS:-results/camvid-ssvs-1-$K}
 P=camvid-ssvs-1-$K
 BASE=$RUNS/$P-supervised-base
 SUFFIX=${SEED:+-s$SEED}
+SEED_SET=(); [ -n "${SEED:-}" ] && SEED_SET=(--set train.seed="$SEED")
 
 train() {  # config out_dir [--set ...]: train unless finished, resume if interrupted
   local cfg=$1 out=$2; shift 2
@@ -63,10 +64,9 @@ fi
 
 recipe_row() {  # the offline recipe, warm-started: teacher, pseudo-label set, student
   local teacher=$RUNS/$P-recipe-teacher$SUFFIX pseudo=$RUNS/$P-recipe-pseudo$SUFFIX
-  local out=$RUNS/$P-recipe-warm$SUFFIX seed=()
-  [ -n "${SEED:-}" ] && seed=(--set train.seed="$SEED")
+  local out=$RUNS/$P-recipe-warm$SUFFIX
   train "$CFG/recipe/teacher.yaml" "$teacher" --set name="$P-recipe-teacher$SUFFIX" \
-    --set model.init_from="$BASE_MODEL" --set data.split.k="$K" "${seed[@]}" ${OVERRIDES:-}
+    --set model.init_from="$BASE_MODEL" --set data.split.k="$K" "${SEED_SET[@]}" ${OVERRIDES:-}
   local pl=(semivss pseudo-label "$teacher/model.safetensors" --ensemble "$BASE_MODEL" --weights 2,1
             --scales 0.75,1,1.25,1.5 --flip --data "$DATA" --format camvid --split train
             --label-every "$K" --out "$pseudo")
@@ -75,7 +75,7 @@ recipe_row() {  # the offline recipe, warm-started: teacher, pseudo-label set, s
     --set model.init_from="$BASE_MODEL" --set data.pseudo_labels="$pseudo" --set data.split.k="$K" \
     --set schedule.iters="$ITERS" --set schedule.warmup_iters=0 --set optim.lr=0.01 \
     --set method.reliable.gamma="${RECIPE_GAMMA:-0.5}" --set model.rep_stride="${RECIPE_REP_STRIDE:-4}" \
-    "${seed[@]}" ${OVERRIDES:-}
+    "${SEED_SET[@]}" ${OVERRIDES:-}
   evaluate_and_record "$out" "recipe$SUFFIX"
 }
 
@@ -87,8 +87,7 @@ for row in "${ROWS[@]}"; do
   [ -f "$cfg" ] || { echo "no config $cfg for row $row" >&2; exit 2; }
   out=$RUNS/$P-$row-warm$SUFFIX
   extra=(--set name="$P-$row-warm$SUFFIX" --set model.init_from="$BASE_MODEL"
-         --set schedule.iters="$ITERS")
-  [ -n "${SEED:-}" ] && extra+=(--set train.seed="$SEED")
+         --set schedule.iters="$ITERS" "${SEED_SET[@]}")
   # IFR's loss ramp (docs/methods.md#3-ifr: 4000 of 40k iterations) scaled to the budget
   [ "$m" = ifr ] && extra+=(--set method.ramp_iters=$((ITERS / 10)))
   train "$cfg" "$out" "${extra[@]}" ${OVERRIDES:-}

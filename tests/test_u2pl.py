@@ -210,16 +210,19 @@ def test_pseudo_label_pass_skips_the_representation_head_with_equal_losses(monke
         assert "rep" not in model(x)
     assert "rep" in model(x)  # restored
 
-    def step(skip: bool) -> dict[str, Tensor]:
+    def step(skip: bool) -> tuple[dict[str, Tensor], int]:
         if not skip:
             monkeypatch.setattr(u2pl_mod, "representation_off", lambda m: contextlib.nullcontext())
         torch.manual_seed(0)
         method = U2PL({"num_anchors": 16, "num_negatives": 8}, NUM_CLASSES)
         models = method.build_models(lambda: build_model(ModelConfig(pretrained=None, rep_head=True), NUM_CLASSES))
         models.train()
-        return method.training_step(models, toy_batch(size=32), 5, 10)
+        calls = []
+        models["teacher"].decoder.rep.register_forward_hook(lambda *_: calls.append(1))
+        return method.training_step(models, toy_batch(size=32), 5, 10), len(calls)
 
-    skipped, full = step(True), step(False)
+    (skipped, n_skip), (full, n_full) = step(True), step(False)
+    assert (n_skip, n_full) == (1, 2)  # the teacher's head runs in its train-mode pass only
     for key in ("loss", "loss_sup", "loss_unsup", "loss_contra", "reliable_ratio"):
         torch.testing.assert_close(skipped[key], full[key], rtol=0, atol=0)
 

@@ -21,7 +21,6 @@ from torch import Tensor, nn
 from semivss.data.requests import UnlabeledRequest
 from semivss.errors import ConfigError
 from semivss.methods.base import DataSpec, ExportSpec, Method, seg_ce_loss, unwrap
-from semivss.models.heads import representation_off
 from semivss.methods.parts import (
     BankCheckpoint,
     ClassMemoryBank,
@@ -43,6 +42,7 @@ from semivss.methods.parts import (
     u2pl_contrastive_loss,
     weighted_ce,
 )
+from semivss.models.heads import representation_off
 from semivss.ops import resize, resize_labels
 from semivss.registry import METHODS
 

@@ -48,7 +48,6 @@ from semivss.models.weights import (
 )
 
 __all__ = [
-    "representation_off",
     "ASPP",
     "ENCODER_NAMES",
     "DeepLabV3PlusDecoder",
@@ -79,6 +78,7 @@ __all__ = [
     "load_model_weights",
     "mask2former_semantic_probs",
     "read_state_dict",
+    "representation_off",
     "save_weights",
     "transformer_archs",
 ]

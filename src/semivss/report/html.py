@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from semivss.engine.checkpoint import atomic_write
-from semivss.inference.writers import check_new_output
 from semivss.errors import SemivssError
+from semivss.inference.writers import check_new_output
 from semivss.metrics.report import _pct, _vc_keys
 from semivss.report import plots
 from semivss.report.sources import Source, Still, load_source
