@@ -32,6 +32,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--flow", default=None, help="dis-ultrafast | dis-fast | dis-medium (default: the model's)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast on CPU / fp16 on CUDA (default: on for CPUs with native bf16)")
+    p.add_argument("--propagation", default="chained", choices=["chained", "composed"],
+                   help="key-frame rows: chained (Accel) or composed flows since the key frame")
+    p.add_argument("--warp-at", default="score", choices=["score", "input"],
+                   help="key-frame rows: warp on the reference's output grid or at the input size")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=None, help="write the figures as a JSON record")
@@ -100,13 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         ("per-frame reference", lambda: Predictor.single(net.reference, cfg)),
         (f"per-frame update (x{net.update_scale:g} input)", lambda: Predictor.single(UpdateOnly(), cfg)),
     ]
+    prop = {"propagation": args.propagation, "warp_at": args.warp_at}
     warp_only = AccelNet(net.reference, None, net.num_classes, flow=flow_name)
     for k in intervals:
-        rows.append((f"Accel K={k}", lambda k=k: KeyframePredictor(net, cfg, build_flow(flow_name), k)))
+        rows.append((f"Accel K={k}", lambda k=k: KeyframePredictor(net, cfg, build_flow(flow_name), k, **prop)))
     for k in intervals:
         if k > 1:  # the reference warped along the flow, no update branch (what fusion adds to)
             rows.append((f"reference + flow K={k}",
-                         lambda k=k: KeyframePredictor(warp_only, cfg, build_flow(flow_name), k)))
+                         lambda k=k: KeyframePredictor(warp_only, cfg, build_flow(flow_name), k, **prop)))
 
     def run(make: Any, subset: list[Any]) -> tuple[Any, Timed]:
         timed = Timed(make())
@@ -136,13 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         row["speedup_vs_reference"] = round(row["fps"] / ref_fps, 3)
     info = machine_info()
     print(f"machine: {info.get('cpu')}; device {dev}; {'bf16 autocast' if amp else 'fp32'}; input "
-          f"{cfg.size}; flow {flow_name}; {len(frames)} frames of {args.format} {args.split}")
+          f"{cfg.size}; flow {flow_name} ({args.propagation}, warp at {args.warp_at}); {len(frames)} frames of {args.format} {args.split}")
     if args.out is not None:
         record = {
             "benchmark": "video_inference", "model": str(args.accel), "data": str(args.data),
             "format": args.format, "split": args.split, "frames": len(frames), "input_size": cfg.size,
             "precision": "bf16" if amp else "fp32", "device": str(dev), "flow": flow_name,
-            "update_scale": net.update_scale, "commit": git_commit(Path.cwd()), "machine": info,
+            "propagation": args.propagation, "warp_at": args.warp_at, "update_scale": net.update_scale, "commit": git_commit(Path.cwd()), "machine": info,
             "rows": results,
         }
         write_record(record, args.out, overwrite=True)

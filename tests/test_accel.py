@@ -24,7 +24,7 @@ from semivss.inference.keyframes import KeyframePredictor
 from semivss.models import build_model
 from semivss.models.accel import AccelNet, build_accel
 from semivss.models.config import ModelConfig
-from semivss.models.flow import DISFlow, TorchFlow, build_flow, resize_flow, warp
+from semivss.models.flow import DISFlow, TorchFlow, build_flow, compose_flows, resize_flow, warp
 from semivss.ops import resize
 
 runner = CliRunner()
@@ -135,6 +135,69 @@ def test_a_learned_flow_network_plugs_in_through_torchflow() -> None:
     with p.eval_mode():
         labels, _ = p.step(torch.randn(4, 3, 32, 48), (32, 48))
     assert labels.shape == (4, 32, 48) and p.keyframes == 2
+
+
+def test_composed_flow_of_affine_fields_is_the_hand_computed_one() -> None:
+    # older(x) = A x + c and flow(x) = B x + d (pixel coordinates x = (col, row)); bilinear sampling
+    # is exact on affine fields, so composed(x) = flow(x) + A (x + flow(x)) + c inside the frame
+    h, w = 12, 16
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    A = torch.tensor([[0.05, -0.02], [0.01, 0.03]])
+    c = torch.tensor([0.5, -0.25])
+    B = torch.tensor([[-0.03, 0.02], [0.04, -0.01]])
+    d = torch.tensor([0.75, 0.5])
+
+    def affine(M: torch.Tensor, v: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
+        return torch.stack([M[0, 0] * px + M[0, 1] * py + v[0], M[1, 0] * px + M[1, 1] * py + v[1]])[None]
+
+    older, flow = affine(A, c, xs, ys), affine(B, d, xs, ys)
+    sx, sy = xs + flow[0, 0], ys + flow[0, 1]
+    expected = flow + affine(A, c, sx, sy)
+    inside = (sx >= 0) & (sx <= w - 1) & (sy >= 0) & (sy <= h - 1)
+    got = compose_flows(older, flow)
+    assert bool(inside[2:-2, 2:-2].all())
+    assert torch.allclose(got[..., 2:-2, 2:-2], expected[..., 2:-2, 2:-2], atol=1e-4)
+    # two constant flows add up
+    one, two = torch.zeros(1, 2, h, w), torch.zeros(1, 2, h, w)
+    one[:, 0], two[:, 1] = 1.0, -2.0
+    assert torch.allclose(compose_flows(one, two)[..., 3:-3, 3:-3], (one + two)[..., 3:-3, 3:-3])
+
+
+@pytest.mark.parametrize("propagation", ["chained", "composed"])
+def test_propagation_warps_the_key_scores_once_when_composed(propagation: str) -> None:
+    """A half-pixel flow per frame at the input grid: composing carries the key frame's scores
+    1.5 pixels in one bilinear step (a two-tap average); chaining interpolates three times (a
+    four-tap blur)."""
+    net = AccelNet(_tiny_net(0), None, C).eval()
+    frames = torch.randn(4, 3, 32, 48)
+    # ConstantFlowNet returns half-resolution flow: 0.25 grid pixels = 0.5 input pixels
+    p = KeyframePredictor(net, EvalConfig(size=(32, 48)), TorchFlow(ConstantFlowNet(0.25, 0)), interval=4,
+                          propagation=propagation, warp_at="input")
+    with p.eval_mode():
+        _, probs = p.step(frames, (32, 48), with_probs=True)
+    with torch.no_grad():
+        key = resize(net.reference(frames[:1])["logits"], (32, 48))
+    assert p.keyframes == 1 and torch.allclose(probs[0], torch.softmax(key, 1)[0], atol=1e-5)
+    k = key[0]
+    once = 0.5 * (k[..., 1:-1] + k[..., 2:])  # out(x) = key(x + 1.5) for x <= W - 3
+    thrice = (k[..., :-3] + 3 * k[..., 1:-2] + 3 * k[..., 2:-1] + k[..., 3:]) / 8  # (1 + z)^3 / 8, x <= W - 4
+    logp = torch.log(probs[3])
+    got = logp - logp.mean(0)  # the logits up to the softmax's per-pixel shift
+
+    def same(want: torch.Tensor) -> bool:
+        return torch.allclose(got[..., : want.shape[-1]], want - want.mean(0), atol=1e-4)
+
+    assert same(once) == (propagation == "composed")
+    assert same(thrice) == (propagation == "chained")
+
+
+def test_unknown_propagation_or_warp_grid_is_a_config_error() -> None:
+    from semivss.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="propagation"):
+        KeyframePredictor(_accel(), EvalConfig(size=(32, 48)), DISFlow(), interval=2, propagation="cached")
+    with pytest.raises(ConfigError, match="warp_at"):
+        KeyframePredictor(_accel(), EvalConfig(size=(32, 48)), DISFlow(), interval=2, warp_at="half")
 
 
 def test_unknown_flow_name_is_a_config_error() -> None:
@@ -346,8 +409,14 @@ def test_keyframe_evaluate_and_predict_through_the_cli(trained, tmp_path: Path) 
     # a per-frame checkpoint with --keyframe-interval: flow propagation of its scores
     out2 = tmp_path / "eval2"
     _invoke(["evaluate", trained["sup"], "--data", trained["data"], "--format", "synthetic", "--split", "val",
-             "--keyframe-interval", "3", "--keyframe-max-invalid", "0.5", "--flow", "dis-ultrafast", "--out", out2])
-    assert json.loads((out2 / "metrics.json").read_text())["metrics"]["n_frames"] == 12
+             "--keyframe-interval", "3", "--keyframe-max-invalid", "0.5", "--flow", "dis-ultrafast",
+             "--propagation", "composed", "--warp-at", "input", "--out", out2])
+    written = json.loads((out2 / "metrics.json").read_text())
+    assert written["metrics"]["n_frames"] == 12
+    # the file says what was scored and how
+    assert (written["split"], written["format"], written["checkpoint"]) == ("val", "synthetic", str(trained["sup"]))
+    assert written["video"] == {"keyframe_interval": 3, "flow": "dis-ultrafast", "keyframe_max_invalid": 0.5,
+                                "propagation": "composed", "warp_at": "input"}
     bad = runner.invoke(app, ["evaluate", str(trained["sup"]), "--data", str(trained["data"]), "--format", "synthetic",
                               "--split", "val", "--keyframe-interval", "2", "--ensemble", str(trained["sup"]),
                               "--out", str(tmp_path / "bad")])

@@ -394,6 +394,17 @@ def test_cli_pseudo_label_end_to_end(tiny) -> None:
     assert lab.shape == (32, 48) and lab.max() < vs.num_classes
     assert 0 <= h.min() and h.max() <= math.log(vs.num_classes) + 1e-6
 
+    # scored against the hidden labels; the JSON says which set, data and classes it scored
+    qpath = tiny["root"] / "quality.json"
+    q_args = ["pseudo-label-quality", out, "--data", tiny["data"], "--format", "synthetic", "--out", qpath]
+    res = runner.invoke(app, [str(a) for a in q_args], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    q = json.loads(qpath.read_text())
+    assert (q["set"], q["format"], q["split"]) == (str(out), "synthetic", "train")
+    assert q["class_names"] == list(vs.classes) and len(q["all"]["iou"]) == vs.num_classes
+    assert q["frames"] == len(unlabeled) and 0 <= q["reliable"]["mIoU"] <= 1 and "commit" in q
+    assert runner.invoke(app, [str(a) for a in q_args]).exit_code != 0  # never overwritten
+
     # refused without --resume/--overwrite; --resume with the same options does nothing more
     again = runner.invoke(app, [str(a) for a in args])
     assert again.exit_code != 0 and "not empty" in str(again.exception)

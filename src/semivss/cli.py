@@ -146,6 +146,10 @@ MAX_FLOW_HELP = "Adaptive key frames: also a key frame when the mean flow exceed
 MAX_INVALID_HELP = ("Adaptive key frames: also a key frame when this share of warped pixels comes from "
                     "outside the previous frame (0..1).")
 FLOW_HELP = "Optical flow for key-frame inference: dis-ultrafast | dis-fast | dis-medium (default: the model's)."
+PROPAGATION_HELP = ("Key-frame inference: chained (Accel: warp the carried scores frame to frame) | composed "
+                    "(compose the flows since the key frame, warp its scores once).")
+WARP_AT_HELP = ("Key-frame inference: warp the scores on the reference's output grid (score, Accel) or "
+                "upsampled to the input size (input).")
 
 
 def _video_predictor(
@@ -156,12 +160,14 @@ def _video_predictor(
     flow: Optional[str] = None,
     max_flow: Optional[float] = None,
     max_invalid: Optional[float] = None,
+    propagation: Optional[str] = None,
+    warp_at: Optional[str] = None,
 ) -> Any:
     """The predictor stepped through each video: an Accel model (or, with ``--keyframe-interval``,
     a per-frame model) as a key-frame predictor, then optionally smoothed (``--smooth``)."""
     from semivss.inference.video_predictor import TemporalSmoothing
 
-    keyframe_opts = [keyframe_interval, flow, max_flow, max_invalid]
+    keyframe_opts = [keyframe_interval, flow, max_flow, max_invalid, propagation, warp_at]
     model = predictor.members[0].model
     if hasattr(model, "as_video_predictor") or any(v is not None for v in keyframe_opts):
         if len(predictor.members) > 1:
@@ -175,6 +181,7 @@ def _video_predictor(
         predictor = KeyframePredictor(
             model, predictor.members[0].cfg, build_flow(flow or model.flow),
             keyframe_interval or model.keyframe_interval, max_flow=max_flow, max_invalid=max_invalid,
+            propagation=propagation or "chained", warp_at=warp_at or "score",
         )
     if not smooth:
         return predictor
@@ -284,6 +291,8 @@ def evaluate_cmd(
     keyframe_max_flow: Optional[float] = typer.Option(None, "--keyframe-max-flow", help=MAX_FLOW_HELP),
     keyframe_max_invalid: Optional[float] = typer.Option(None, "--keyframe-max-invalid", help=MAX_INVALID_HELP),
     flow: Optional[str] = typer.Option(None, "--flow", help=FLOW_HELP),
+    propagation: Optional[str] = typer.Option(None, "--propagation", help=PROPAGATION_HELP),
+    warp_at: Optional[str] = typer.Option(None, "--warp-at", help=WARP_AT_HELP),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     overwrite: bool = typer.Option(False, help="Allow writing into a non-empty output folder."),
 ) -> None:
@@ -309,14 +318,21 @@ def evaluate_cmd(
         # The evaluated split is scored once; its per-frame results also feed the offset analysis.
         eval_offsets = labeled_offsets(videoset, rule) if rule else None
         video_predictor = _video_predictor(predictor, int(metas[0]["num_classes"]), smooth, keyframe_interval,
-                                           flow, keyframe_max_flow, keyframe_max_invalid)
+                                           flow, keyframe_max_flow, keyframe_max_invalid, propagation, warp_at)
         result = evaluate(
             video_predictor, videoset, videoset.annotated(), ecfg, dev, offsets=eval_offsets,
             save_dir=stage / "preds" if save_preds else None,
             stills=save_stills, stills_dir=stage / "stills",
         )
         console.print(result.table(title=f"{checkpoint.name} on {data.name} ({split} split)"))
-        result.to_json(stage / "metrics.json")
+        video_opts = {"keyframe_interval": keyframe_interval, "flow": flow, "keyframe_max_flow": keyframe_max_flow,
+                      "keyframe_max_invalid": keyframe_max_invalid, "propagation": propagation, "warp_at": warp_at,
+                      "smooth": smooth or None}
+        result.to_json(stage / "metrics.json", context={
+            "checkpoint": str(checkpoint), "ensemble": [str(e) for e in ensemble] or None, "data": str(data),
+            "format": fmt, "split": split, "inference": {"scales": list(ecfg.scales), "flip": ecfg.flip,
+                                                        "size": ecfg.size, "mode": ecfg.mode},
+            "video": {k: v for k, v in video_opts.items() if v is not None} or None})
         if rule is not None:
             from semivss.metrics.offset import offset_table_text, plot_offsets, save_offset_tables
 
@@ -349,6 +365,8 @@ def predict(
     keyframe_max_flow: Optional[float] = typer.Option(None, "--keyframe-max-flow", help=MAX_FLOW_HELP),
     keyframe_max_invalid: Optional[float] = typer.Option(None, "--keyframe-max-invalid", help=MAX_INVALID_HELP),
     flow: Optional[str] = typer.Option(None, "--flow", help=FLOW_HELP),
+    propagation: Optional[str] = typer.Option(None, "--propagation", help=PROPAGATION_HELP),
+    warp_at: Optional[str] = typer.Option(None, "--warp-at", help=WARP_AT_HELP),
     out_format: str = typer.Option("overlay", "--format",
                                    help="overlay: label PNGs, overlays, mp4 of one video | vspw-submission: SOURCE "
                                         "is a VSPW root, every frame of --split as <video>/<frame>.png class ids 0..123"),
@@ -374,14 +392,14 @@ def predict(
 
         videoset = _load_set("vspw", source, split, None, metas[0], checkpoint)
         vp = _video_predictor(predictor, int(metas[0]["num_classes"]), smooth, keyframe_interval,
-                              flow, keyframe_max_flow, keyframe_max_invalid)
+                              flow, keyframe_max_flow, keyframe_max_invalid, propagation, warp_at)
         with _writing_into(out), staged_dir(out, overwrite) as stage:
             n = write_submission(vp, videoset, stage, ecfg, dev)
         console.print(f"{n} frames of {len(videoset.videos)} videos -> {out}/<video>/<frame>.png")
         return
     palette = np.asarray(metas[0]["palette"], dtype=np.uint8)
     video_predictor = _video_predictor(predictor, int(metas[0]["num_classes"]), smooth, keyframe_interval,
-                                       flow, keyframe_max_flow, keyframe_max_invalid)
+                                       flow, keyframe_max_flow, keyframe_max_invalid, propagation, warp_at)
     # Written into a temporary sibling folder that replaces OUT only when every frame succeeded.
     with _writing_into(out), staged_dir(out, overwrite) as stage:
         summary = predict_source(video_predictor, source, stage, palette, ecfg, dev, fps=fps, overwrite=True)
@@ -414,7 +432,7 @@ def score_cmd(
     result = score_predictions(pred_dir, videoset)
     console.print(result.table(title=f"{pred_dir} on {data.name} ({split} split)"))
     if out is not None:
-        result.to_json(out)
+        result.to_json(out, context={"predictions": str(pred_dir), "data": str(data), "format": fmt, "split": split})
         console.print(f"metrics -> {out}")
 
 
@@ -534,7 +552,11 @@ def pseudo_label_quality_cmd(
     console.print(table)
     console.print(f"reliable share of annotated pixels: {100 * q['reliable_share']:.2f} %")
     if out is not None:
-        atomic_write(out, lambda f: f.write((json.dumps(q, indent=2) + "\n").encode()))
+        from semivss.results import git_commit
+
+        record = {"set": str(set_dir), "data": str(data), "format": fmt, "split": split,
+                  "class_names": list(videoset.classes), "commit": git_commit(Path.cwd()), **q}
+        atomic_write(out, lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
         console.print(f"figures -> {out}")
 
 

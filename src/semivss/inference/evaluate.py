@@ -92,13 +92,15 @@ class EvalResult:
             out["offsets"] = self.offset_table.to_dicts()
         return out
 
-    def to_json(self, path: str | Path) -> Path:
-        """Write :meth:`to_dict` as JSON (atomically: a failed write leaves no partial file)."""
+    def to_json(self, path: str | Path, context: dict[str, Any] | None = None) -> Path:
+        """Write :meth:`to_dict` as JSON (atomically: a failed write leaves no partial file);
+        ``context`` (what was scored: data, format, split, checkpoint, inference options) is
+        written first, as top-level keys."""
         from semivss.engine.checkpoint import atomic_write
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = (json.dumps(self.to_dict(), indent=2) + "\n").encode()
+        data = (json.dumps({**(context or {}), **self.to_dict()}, indent=2, default=str) + "\n").encode()
         atomic_write(path, lambda f: f.write(data))
         return path
 

@@ -7,6 +7,12 @@ Key frames: the first frame of each video, then every ``interval`` frames; adapt
 the flow's mean magnitude exceeds ``max_flow`` pixels or the share of warped pixels whose source
 lies outside the previous frame exceeds ``max_invalid``. ``timings`` accumulates the seconds spent
 in each stage (reference, flow, warp, update, fusion) for benchmarks.
+
+Propagation: ``chained`` (Accel, Eq. (ACC-1)) warps the carried score map from frame to frame at
+the reference's output resolution; ``composed`` composes the flows since the key frame
+(:func:`~semivss.models.flow.compose_flows`) and warps the key frame's score map once.
+``warp_at="input"`` upsamples the key frame's score map to the input size first, so thin
+structures are not carried on the output-stride grid (docs/methods.md#14-accel).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from semivss.errors import ConfigError
 from semivss.inference.config import EvalConfig
 from semivss.inference.predict import eval_mode
 from semivss.models.accel import AccelNet
-from semivss.models.flow import FlowEstimator, invalid_share, warp
+from semivss.models.flow import FlowEstimator, compose_flows, invalid_share, warp
 from semivss.ops import class_argmax, resize
 
 __all__ = ["KeyframePredictor"]
@@ -35,8 +41,12 @@ class KeyframePredictor:
     Frames arrive at ``cfg.size`` (``input_size``); outputs are upsampled to the requested size.
     ``keyframe_output``: ``fuse`` (default: key frames too are the fusion of reference and update,
     so K = 1 is the per-frame Accel) or ``reference`` (key frames are the reference alone, as in
-    IFR's Accel evaluation).
+    IFR's Accel evaluation). ``propagation``: ``chained`` (default, Accel) or ``composed``;
+    ``warp_at``: ``score`` (default, the reference's output grid) or ``input`` (the input grid).
     """
+
+    PROPAGATIONS = ("chained", "composed")
+    WARP_AT = ("score", "input")
 
     temporal = True
 
@@ -49,6 +59,8 @@ class KeyframePredictor:
         max_flow: float | None = None,
         max_invalid: float | None = None,
         keyframe_output: str = "fuse",
+        propagation: str = "chained",
+        warp_at: str = "score",
     ) -> None:
         if interval < 1:
             raise ConfigError(f"--keyframe-interval must be >= 1, got {interval}")
@@ -57,6 +69,10 @@ class KeyframePredictor:
                               f"(got mode {cfg.mode}, scales {list(cfg.scales)}, flip {cfg.flip})")
         if keyframe_output not in ("fuse", "reference"):
             raise ConfigError(f"keyframe_output must be 'fuse' or 'reference', got {keyframe_output!r}")
+        if propagation not in self.PROPAGATIONS:
+            raise ConfigError(f"propagation must be one of {', '.join(self.PROPAGATIONS)}, got {propagation!r}")
+        if warp_at not in self.WARP_AT:
+            raise ConfigError(f"warp_at must be one of {', '.join(self.WARP_AT)}, got {warp_at!r}")
         for name, v in (("max_flow", max_flow), ("max_invalid", max_invalid)):
             if v is not None and v <= 0:
                 raise ConfigError(f"{name} must be > 0, got {v}")
@@ -67,6 +83,8 @@ class KeyframePredictor:
         self.max_flow = max_flow
         self.max_invalid = max_invalid
         self.keyframe_output = keyframe_output
+        self.propagation = propagation
+        self.warp_at = warp_at
         self.timings: dict[str, float] = defaultdict(float)
         self.frames = 0
         self.keyframes = 0
@@ -78,6 +96,8 @@ class KeyframePredictor:
 
     def reset(self) -> None:
         self._score: Tensor | None = None  # the reference score map carried to the last frame
+        self._key_score: Tensor | None = None  # the last key frame's score map (composed)
+        self._flow_to_key: Tensor | None = None  # the last frame's flow to the key frame (composed)
         self._prev: Tensor | None = None  # the last frame (for the next flow)
         self._since_key = 0
 
@@ -140,17 +160,27 @@ class KeyframePredictor:
             if key_idx:
                 with self._timed("reference", dev), self._autocast(dev):
                     ref = self.net.reference_scores(images[key_idx]).float()
+                if self.warp_at == "input":
+                    with self._timed("warp", dev):
+                        ref = resize(ref, images.shape[-2:])
             scores = []
             for j, key in enumerate(keys):  # carry the reference scores along the flows
                 if key:
                     assert ref is not None
-                    self._score = ref[key_idx.index(j) : key_idx.index(j) + 1]
+                    self._score = self._key_score = ref[key_idx.index(j) : key_idx.index(j) + 1]
+                    self._flow_to_key = None
                     self._since_key = 1
                     self.keyframes += 1
                 else:
-                    assert self._score is not None and flows[j] is not None
+                    flow = flows[j]
+                    assert self._score is not None and self._key_score is not None and flow is not None
                     with self._timed("warp", dev):
-                        self._score, _ = warp(self._score, flows[j])
+                        if self.propagation == "chained":
+                            self._score, _ = warp(self._score, flow)
+                        else:
+                            prev = self._flow_to_key
+                            self._flow_to_key = flow if prev is None else compose_flows(prev, flow)
+                            self._score, _ = warp(self._key_score, self._flow_to_key)
                     self._since_key += 1
                 scores.append(self._score)
             self._prev = images[-1:]

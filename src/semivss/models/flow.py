@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from semivss.data.transforms import MEAN, STD
 from semivss.errors import ConfigError
 
-__all__ = ["DIS_PRESETS", "DISFlow", "FlowEstimator", "TorchFlow", "build_flow", "invalid_share", "resize_flow",
-           "to_pixels", "warp"]
+__all__ = ["DIS_PRESETS", "DISFlow", "FlowEstimator", "TorchFlow", "build_flow", "compose_flows", "invalid_share",
+           "resize_flow", "to_pixels", "warp"]
 
 #: OpenCV DIS presets by name (speed vs accuracy)
 DIS_PRESETS = {
@@ -144,6 +144,18 @@ def warp(score: Tensor, flow: Tensor) -> tuple[Tensor, Tensor]:
     grid = torch.stack([(2 * sx + 1) / w - 1, (2 * sy + 1) / h - 1], dim=-1)
     warped = F.grid_sample(score.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
     return warped.to(score.dtype), outside.flatten(1).float().mean(1)
+
+
+def compose_flows(older: Tensor, flow: Tensor) -> Tensor:
+    """The backward flow of the current frame to an earlier frame, from ``flow`` (current ->
+    previous) and ``older`` (previous -> earlier), both (B,2,H,W) on one grid:
+    ``flow(x) + older(x + flow(x))``, ``older`` sampled bilinearly with border padding.
+
+    Warping a map of the earlier frame once through the composed flow interpolates it once,
+    where warping it frame by frame (Eq. (ACC-1) applied k times) blurs it k times."""
+    if older.shape != flow.shape:
+        raise ValueError(f"flows of one shape needed, got {tuple(older.shape)} and {tuple(flow.shape)}")
+    return flow.float() + warp(older.float(), flow)[0]
 
 
 def build_flow(name: str) -> FlowEstimator:
