@@ -191,6 +191,77 @@ def test_propagation_warps_the_key_scores_once_when_composed(propagation: str) -
     assert same(thrice) == (propagation == "chained")
 
 
+class SequenceFlow:
+    """A flow estimator returning preset flows in call order (one per non-key frame)."""
+
+    def __init__(self, flows: list[torch.Tensor]) -> None:
+        self.flows = list(flows)
+
+    def __call__(self, current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        return self.flows.pop(0)
+
+
+def test_composed_propagation_follows_the_flows_in_time_order() -> None:
+    """Frame 1 moves by a constant (1, 0), frame 2 by a field varying along x: the key frame's
+    scores reach frame 2 through F_2(x) + F_1(x + F_2(x)) = F_2(x) + (1, 0), not F_1 + F_2(x + F_1)."""
+    h, w = 32, 48
+    xs = torch.arange(w, dtype=torch.float32).expand(h, w)
+    f1 = torch.zeros(1, 2, h, w)
+    f1[:, 0] = 1.0
+    f2 = torch.zeros(1, 2, h, w)
+    f2[:, 0] = 0.1 * xs  # 0 .. 4.7 pixels
+
+
+    class Stripes(torch.nn.Module):
+        """Logits that vary fast along x (a sub-pixel misplacement changes them visibly)."""
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            phase = torch.arange(x.shape[-1], dtype=torch.float32) * 0.9
+            logits = torch.stack([4 * torch.sin(phase + c) for c in range(C)])[None, :, None, :]
+            return {"logits": logits.expand(x.shape[0], C, x.shape[-2], x.shape[-1])}
+
+    net = AccelNet(Stripes(), None, C).eval()
+    frames = torch.randn(3, 3, h, w)
+    p = KeyframePredictor(net, EvalConfig(size=(h, w)), SequenceFlow([f1, f2]), interval=3,
+                          propagation="composed", warp_at="input")
+    with p.eval_mode():
+        _, probs = p.step(frames, (h, w), with_probs=True)
+    with torch.no_grad():
+        key = resize(net.reference(frames[:1])["logits"], (h, w))
+    right = warp(key, f2 + f1)[0]
+    swapped = torch.zeros_like(f2)
+    swapped[:, 0] = 1.0 + 0.1 * (xs + 1.0)  # F_1 + F_2(x + F_1): 0.1 pixel further
+    wrong = warp(key, swapped)[0]
+    inner = (..., slice(None), slice(0, 40))  # sources inside the frame: x + 0.1 x + 1.1 <= 47
+    assert torch.allclose(probs[2:][inner], torch.softmax(right, 1)[inner], atol=1e-5)
+    assert (probs[2:][inner] - torch.softmax(wrong, 1)[inner]).abs().max() > 0.05
+
+
+def test_composed_propagation_carries_its_state_across_batches_and_resets_per_video() -> None:
+    big = _texture(128, 192, seed=3)
+    frames = torch.cat([to_tensor(big[8 + t : 104 + t, 8 + 2 * t : 136 + 2 * t])[None] for t in range(7)])
+    net = _accel()
+
+    def run(chunks: list[torch.Tensor]) -> torch.Tensor:
+        p = KeyframePredictor(net, EvalConfig(size=(96, 128)), DISFlow("fast"), interval=4,
+                              propagation="composed", warp_at="input")
+        with p.eval_mode():
+            return torch.cat([p.step(c, (96, 128), with_probs=True)[1] for c in chunks])
+
+    whole = run([frames])
+    assert torch.allclose(run([frames[:2], frames[2:5], frames[5:]]), whole, atol=1e-5)
+    p = KeyframePredictor(net, EvalConfig(size=(96, 128)), DISFlow("fast"), interval=4, propagation="composed")
+    with p.eval_mode():
+        p.step(frames[:3], (96, 128))
+        p.reset()  # a new video: no flow to the old key frame survives
+        assert p._flow_to_key is None and p._key_score is None
+        _, probs = p.step(frames[3:4], (96, 128), with_probs=True)
+    assert p.keyframes == 2
+    with torch.no_grad():
+        fresh = torch.softmax(resize(net(frames[3:4])["logits"], (96, 128)), 1)
+    assert torch.allclose(probs, fresh, atol=1e-5)
+
+
 def test_unknown_propagation_or_warp_grid_is_a_config_error() -> None:
     from semivss.errors import ConfigError
 
@@ -413,10 +484,17 @@ def test_keyframe_evaluate_and_predict_through_the_cli(trained, tmp_path: Path) 
              "--propagation", "composed", "--warp-at", "input", "--out", out2])
     written = json.loads((out2 / "metrics.json").read_text())
     assert written["metrics"]["n_frames"] == 12
-    # the file says what was scored and how
+    # the file says what was scored and how: the options the predictor ran with, defaults included
     assert (written["split"], written["format"], written["checkpoint"]) == ("val", "synthetic", str(trained["sup"]))
-    assert written["video"] == {"keyframe_interval": 3, "flow": "dis-ultrafast", "keyframe_max_invalid": 0.5,
-                                "propagation": "composed", "warp_at": "input"}
+    assert written["video"] == {"keyframe_interval": 3, "flow": "dis-ultrafast", "keyframe_max_flow": None,
+                                "keyframe_max_invalid": 0.5, "keyframe_output": "fuse", "propagation": "composed",
+                                "warp_at": "input"}
+    accel_video = json.loads((out / "metrics.json").read_text())["video"]
+    assert (accel_video["keyframe_interval"], accel_video["propagation"], accel_video["warp_at"]) == (4, "chained", "score")
+    # key-frame options on a per-frame model without --keyframe-interval are refused
+    alone = runner.invoke(app, ["evaluate", str(trained["sup"]), "--data", str(trained["data"]), "--format",
+                                "synthetic", "--split", "val", "--propagation", "composed", "--out", str(tmp_path / "x")])
+    assert alone.exit_code != 0 and "--keyframe-interval" in str(alone.exception)
     bad = runner.invoke(app, ["evaluate", str(trained["sup"]), "--data", str(trained["data"]), "--format", "synthetic",
                               "--split", "val", "--keyframe-interval", "2", "--ensemble", str(trained["sup"]),
                               "--out", str(tmp_path / "bad")])

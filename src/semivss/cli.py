@@ -146,10 +146,10 @@ MAX_FLOW_HELP = "Adaptive key frames: also a key frame when the mean flow exceed
 MAX_INVALID_HELP = ("Adaptive key frames: also a key frame when this share of warped pixels comes from "
                     "outside the previous frame (0..1).")
 FLOW_HELP = "Optical flow for key-frame inference: dis-ultrafast | dis-fast | dis-medium (default: the model's)."
-PROPAGATION_HELP = ("Key-frame inference: chained (Accel: warp the carried scores frame to frame) | composed "
-                    "(compose the flows since the key frame, warp its scores once).")
-WARP_AT_HELP = ("Key-frame inference: warp the scores on the reference's output grid (score, Accel) or "
-                "upsampled to the input size (input).")
+PROPAGATION_HELP = ("Key-frame inference: chained (default, Accel: warp the carried scores frame to frame) | "
+                    "composed (compose the flows since the key frame, warp its scores once).")
+WARP_AT_HELP = ("Key-frame inference: score (default, Accel: warp on the reference's output grid) | input "
+                "(upsample the key frame's scores to the input size, then warp; the fusion runs there too).")
 
 
 def _video_predictor(
@@ -177,7 +177,10 @@ def _video_predictor(
         from semivss.models.flow import build_flow
 
         if not isinstance(model, AccelNet):  # a per-frame model: flow propagation of its scores
-            model = AccelNet(model, None, num_classes, keyframe_interval=keyframe_interval or 1)
+            if keyframe_interval is None:
+                raise SemivssError("--flow, --propagation, --warp-at and --keyframe-max-* apply to key-frame "
+                                   "inference: give --keyframe-interval K for a per-frame model")
+            model = AccelNet(model, None, num_classes, keyframe_interval=keyframe_interval)
         predictor = KeyframePredictor(
             model, predictor.members[0].cfg, build_flow(flow or model.flow),
             keyframe_interval or model.keyframe_interval, max_flow=max_flow, max_invalid=max_invalid,
@@ -186,6 +189,18 @@ def _video_predictor(
     if not smooth:
         return predictor
     return TemporalSmoothing(predictor, smooth)
+
+
+def _video_settings(predictor: Any) -> dict[str, Any] | None:
+    """What a video predictor does over time (key frames, flow, propagation, smoothing), as the
+    values it runs with; None for per-frame inference."""
+    out: dict[str, Any] = {}
+    if hasattr(predictor, "momentum") and hasattr(predictor, "base"):  # TemporalSmoothing
+        out["smooth"] = predictor.momentum
+        predictor = predictor.base
+    if hasattr(predictor, "settings"):
+        out.update(predictor.settings())
+    return out or None
 
 
 def _label_rule(label_every: Optional[int], label_position: Optional[int], meta: dict, ckpt: Path) -> Any:
@@ -325,14 +340,13 @@ def evaluate_cmd(
             stills=save_stills, stills_dir=stage / "stills",
         )
         console.print(result.table(title=f"{checkpoint.name} on {data.name} ({split} split)"))
-        video_opts = {"keyframe_interval": keyframe_interval, "flow": flow, "keyframe_max_flow": keyframe_max_flow,
-                      "keyframe_max_invalid": keyframe_max_invalid, "propagation": propagation, "warp_at": warp_at,
-                      "smooth": smooth or None}
+        from semivss.results import git_commit
+
         result.to_json(stage / "metrics.json", context={
-            "checkpoint": str(checkpoint), "ensemble": [str(e) for e in ensemble] or None, "data": str(data),
-            "format": fmt, "split": split, "inference": {"scales": list(ecfg.scales), "flip": ecfg.flip,
-                                                        "size": ecfg.size, "mode": ecfg.mode},
-            "video": {k: v for k, v in video_opts.items() if v is not None} or None})
+            "checkpoint": str(checkpoint), "ensemble": [str(e) for e in ensemble] or None, "weights": weights,
+            "data": str(data), "format": fmt, "split": split, "label_map": str(label_map) if label_map else None,
+            "inference": {"scales": list(ecfg.scales), "flip": ecfg.flip, "size": ecfg.size, "mode": ecfg.mode},
+            "video": _video_settings(video_predictor), "commit": git_commit(Path.cwd())})
         if rule is not None:
             from semivss.metrics.offset import offset_table_text, plot_offsets, save_offset_tables
 
@@ -432,7 +446,8 @@ def score_cmd(
     result = score_predictions(pred_dir, videoset)
     console.print(result.table(title=f"{pred_dir} on {data.name} ({split} split)"))
     if out is not None:
-        result.to_json(out, context={"predictions": str(pred_dir), "data": str(data), "format": fmt, "split": split})
+        result.to_json(out, context={"predictions": str(pred_dir), "data": str(data), "format": fmt, "split": split,
+                                     "label_map": str(label_map) if label_map else None})
         console.print(f"metrics -> {out}")
 
 
@@ -555,6 +570,7 @@ def pseudo_label_quality_cmd(
         from semivss.results import git_commit
 
         record = {"set": str(set_dir), "data": str(data), "format": fmt, "split": split,
+                  "label_map": str(label_map) if label_map else None,
                   "class_names": list(videoset.classes), "commit": git_commit(Path.cwd()), **q}
         atomic_write(out, lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
         console.print(f"figures -> {out}")

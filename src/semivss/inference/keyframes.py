@@ -12,7 +12,8 @@ Propagation: ``chained`` (Accel, Eq. (ACC-1)) warps the carried score map from f
 the reference's output resolution; ``composed`` composes the flows since the key frame
 (:func:`~semivss.models.flow.compose_flows`) and warps the key frame's score map once.
 ``warp_at="input"`` upsamples the key frame's score map to the input size first, so thin
-structures are not carried on the output-stride grid (docs/methods.md#14-accel).
+structures are not carried on the output-stride grid; the update branch's scores are then
+resized to the input size and the fusion runs there (docs/methods.md#14-accel).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import contextlib
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -167,7 +169,8 @@ class KeyframePredictor:
             for j, key in enumerate(keys):  # carry the reference scores along the flows
                 if key:
                     assert ref is not None
-                    self._score = self._key_score = ref[key_idx.index(j) : key_idx.index(j) + 1]
+                    # a copy: the batch's other key frames are not kept alive until the next key frame
+                    self._score = self._key_score = ref[key_idx.index(j) : key_idx.index(j) + 1].clone()
                     self._flow_to_key = None
                     self._since_key = 1
                     self.keyframes += 1
@@ -202,6 +205,12 @@ class KeyframePredictor:
                     probs.append(torch.softmax(up, dim=1))
             self.frames += images.shape[0]
         return torch.cat(labels), (torch.cat(probs) if with_probs else None)
+
+    def settings(self) -> dict[str, Any]:
+        """The options it runs with (written into evaluate's metrics.json)."""
+        return {"keyframe_interval": self.interval, "flow": getattr(self.flow, "name", type(self.flow).__name__),
+                "keyframe_max_flow": self.max_flow, "keyframe_max_invalid": self.max_invalid,
+                "keyframe_output": self.keyframe_output, "propagation": self.propagation, "warp_at": self.warp_at}
 
     def summary(self) -> dict[str, float]:
         """Frames, key frames and seconds per stage so far."""

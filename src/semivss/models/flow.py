@@ -58,6 +58,7 @@ class DISFlow:
         if preset not in DIS_PRESETS:
             raise ConfigError(f"unknown DIS preset {preset!r}; available: {', '.join(DIS_PRESETS)}")
         self.preset = preset
+        self.name = f"dis-{preset}"
         self._dis = cv2.DISOpticalFlow_create(DIS_PRESETS[preset])
 
     @staticmethod
