@@ -12,6 +12,10 @@
 # base) trained ITERS iterations on labeled + pseudo-labeled frames with the control's schedule and
 # the stricter entropy threshold RECIPE_GAMMA (default 0.5 nats); RECIPE_REP_STRIDE=8 runs the
 # student's representation head at stride 8 (model.rep_stride; default 4, the official head).
+# RECIPE_KEEP=0.8 replaces the threshold by the lowest-entropy share of each batch
+# (method.reliable mode percentile), RECIPE_CLASSWISE=1 takes it per pseudo-labeled class
+# (docs/methods.md#11-class-aware-reliability); the row is then named recipe-keepK[-classwise]
+# and reuses the teacher and the pseudo-labels of the plain recipe row.
 # Environment: RUNS (default runs/ssl), CAMVID (CamVid root), ITERS (default 1000), SEED (adds
 # --set train.seed=SEED and a -sSEED suffix to the row), RESULTS (default results/camvid-ssvs-1-RATIO),
 # OVERRIDES (more --set options for the rows, e.g. for a smoke test), BASE_ONLY=1 (stop after the base).
@@ -64,19 +68,27 @@ fi
 
 recipe_row() {  # the offline recipe, warm-started: teacher, pseudo-label set, student
   local teacher=$RUNS/$P-recipe-teacher$SUFFIX pseudo=$RUNS/$P-recipe-pseudo$SUFFIX
-  local out=$RUNS/$P-recipe-warm$SUFFIX
+  local variant="" reliable=(--set method.reliable.gamma="${RECIPE_GAMMA:-0.5}")
+  if [ -n "${RECIPE_KEEP:-}" ]; then
+    variant=-keep$RECIPE_KEEP${RECIPE_CLASSWISE:+-classwise}
+    reliable=(--set method.reliable.mode=percentile --set method.reliable.keep="$RECIPE_KEEP"
+              --set method.reliable.classwise="$([ -n "${RECIPE_CLASSWISE:-}" ] && echo true || echo false)")
+  elif [ -n "${RECIPE_CLASSWISE:-}" ]; then
+    echo "RECIPE_CLASSWISE needs RECIPE_KEEP" >&2; exit 2
+  fi
+  local out=$RUNS/$P-recipe-warm$SUFFIX$variant
   train "$CFG/recipe/teacher.yaml" "$teacher" --set name="$P-recipe-teacher$SUFFIX" \
     --set model.init_from="$BASE_MODEL" --set data.split.k="$K" "${SEED_SET[@]}" ${OVERRIDES:-}
   local pl=(semivss pseudo-label "$teacher/model.safetensors" --ensemble "$BASE_MODEL" --weights 2,1
             --scales 0.75,1,1.25,1.5 --flip --data "$DATA" --format camvid --split train
             --label-every "$K" --out "$pseudo")
   if [ -f "$pseudo/manifest.json" ]; then "${pl[@]}" --resume; else "${pl[@]}"; fi
-  train "$CFG/recipe/student_self_training.yaml" "$out" --set name="$P-recipe-warm$SUFFIX" \
+  train "$CFG/recipe/student_self_training.yaml" "$out" \
     --set model.init_from="$BASE_MODEL" --set data.pseudo_labels="$pseudo" --set data.split.k="$K" \
     --set schedule.iters="$ITERS" --set schedule.warmup_iters=0 --set optim.lr=0.01 \
-    --set method.reliable.gamma="${RECIPE_GAMMA:-0.5}" --set model.rep_stride="${RECIPE_REP_STRIDE:-4}" \
-    "${SEED_SET[@]}" ${OVERRIDES:-}
-  evaluate_and_record "$out" "recipe$SUFFIX"
+    "${reliable[@]}" --set model.rep_stride="${RECIPE_REP_STRIDE:-4}" \
+    --set name="$P-recipe-warm$SUFFIX$variant" "${SEED_SET[@]}" ${OVERRIDES:-}
+  evaluate_and_record "$out" "recipe$variant$SUFFIX"
 }
 
 # 2. control and warm-started methods

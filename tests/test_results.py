@@ -167,6 +167,26 @@ def test_step_cost_table_has_time_and_flop_ratios() -> None:
     assert step_cost_markdown(rec).splitlines()[3] == "| u2pl | u2pl | 16 | 9.00 | 4.50x |"
 
 
+def test_pseudo_quality_table_puts_rules_side_by_side() -> None:
+    from semivss.results import pseudo_quality_markdown
+
+    def part(miou: float, iou: list[float]) -> dict:
+        return {"mIoU": miou, "pixel_acc": 0.9, "mAcc": 0.8, "fwIoU": 0.85, "iou": iou}
+
+    old = {"frames": 3, "gamma": 0.5, "reliable_share": 0.8, "all": part(0.5, [0.9, 0.1]),
+           "reliable": part(0.6, [1.0, 0.2])}  # written before records named their rule and classes
+    new = {"frames": 3, "gamma": None, "reliable_share": 0.75, "class_names": ["Road", "Pole"],
+           "reliable_rule": {"mode": "percentile", "keep": 0.8, "classwise": True},
+           "all": part(0.5, [0.9, 0.1]), "reliable": part(0.7, [0.95, 0.45])}
+    lines = pseudo_quality_markdown([old, new]).splitlines()
+    assert lines[0] == "| | all pixels | entropy < 0.5 nats | lowest-entropy 80 % of each class |"
+    assert lines[2] == "| share of annotated pixels | 100.0 % | 80.0 % | 75.0 % |"
+    assert lines[3] == "| mIoU | 50.00 | 60.00 | 70.00 |"
+    assert lines[5] == "| Pole | 10.00 | 20.00 | 45.00 |"
+    with pytest.raises(SemivssError):
+        pseudo_quality_markdown([])
+
+
 def test_offsets_table_side_by_side_with_the_train_gap() -> None:
     from semivss.results import offsets_markdown
 

@@ -538,6 +538,11 @@ def pseudo_label_quality_cmd(
     split: str = typer.Option("train", help="Split the set was written from."),
     label_map: Optional[Path] = typer.Option(None, "--label-map", help=LABEL_MAP_HELP),
     gamma: Optional[float] = typer.Option(None, help="Reliable iff entropy < gamma nats (default 0.5 ln C)."),
+    keep: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Instead of gamma: reliable = this share "
+                                         "of each frame's pixels with the lowest entropy (method.reliable "
+                                         "mode percentile)."),
+    classwise: bool = typer.Option(False, "--classwise", help="With --keep: that share of each pseudo-labeled "
+                                   "class separately (Eq. CR-3)."),
     out: Optional[Path] = typer.Option(None, help="Also write the figures to this JSON file (never overwritten)."),
 ) -> None:
     """Score a pseudo-label set against ground truth the training did not use (e.g. the hidden labels
@@ -557,14 +562,30 @@ def pseudo_label_quality_cmd(
     videoset = formats.load_dataset(fmt, data, split, key="--format")
     if label_map is not None:
         videoset = LabelMap.from_file(label_map).remap_videoset(videoset)
-    q = pseudo_label_quality(set_dir, videoset, gamma)
+    rule = None
+    if keep is not None or classwise:
+        from semivss.methods.self_training import ReliableConfig
+
+        if keep is None or gamma is not None:
+            raise SemivssError("--classwise needs --keep, and --keep replaces --gamma")
+        rule = ReliableConfig(mode="percentile", keep=keep, classwise=classwise)
+    q = pseudo_label_quality(set_dir, videoset, gamma, reliable_cfg=rule)
     table = Table(title=f"{set_dir}: {q['frames']} frames with ground truth")
     for col in ("pixels", "mIoU", "pixel acc", "mAcc"):
         table.add_column(col, justify="right" if col != "pixels" else "left")
-    for name, label in (("all", "all"), ("reliable", f"reliable (H < {q['gamma']:.3f})")):
+    r = q["reliable_rule"]
+    rule_text = (f"H < {q['gamma']:.3f}" if q["gamma"] is not None else
+                 f"lowest-entropy {100 * r['keep']:g} %{' per class' if r['classwise'] else ''}")
+    for name, label in (("all", "all"), ("reliable", f"reliable ({rule_text})")):
         m = q[name]
         table.add_row(label, *(f"{100 * m[k]:.2f}" for k in ("mIoU", "pixel_acc", "mAcc")))
     console.print(table)
+    per_class = Table(title="IoU per class (%)")
+    for col in ("class", "all", "reliable"):
+        per_class.add_column(col, justify="left" if col == "class" else "right")
+    for name, a, b in zip(videoset.classes, q["all"]["iou"], q["reliable"]["iou"]):
+        per_class.add_row(name, f"{100 * a:.2f}", f"{100 * b:.2f}")
+    console.print(per_class)
     console.print(f"reliable share of annotated pixels: {100 * q['reliable_share']:.2f} %")
     if out is not None:
         from semivss.results import git_commit

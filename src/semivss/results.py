@@ -294,6 +294,33 @@ def step_cost_markdown(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _reliable_rule_text(record: dict[str, Any]) -> str:
+    rule = record.get("reliable_rule") or {"mode": "threshold", "gamma": record.get("gamma")}
+    if rule.get("mode") == "threshold":
+        return f"entropy < {float(rule['gamma']):.3g} nats"
+    return f"lowest-entropy {100 * float(rule['keep']):g} % of each {'class' if rule.get('classwise') else 'frame'}"
+
+
+def pseudo_quality_markdown(records: list[dict[str, Any]]) -> str:
+    """Markdown of ``semivss pseudo-label-quality --out`` records of one pseudo-label set under
+    several reliability rules: the reliable share, mIoU and per-class IoU of the reliable pixels
+    per rule, beside those of all pixels (from the first record)."""
+    if not records:
+        raise SemivssError("no pseudo-label-quality records given")
+    names = next((r["class_names"] for r in records if r.get("class_names")),
+                 [f"class {i}" for i in range(len(records[0]["all"]["iou"]))])
+    cols = [("all pixels", records[0]["all"], 1.0)]
+    cols += [(_reliable_rule_text(r), r["reliable"], r["reliable_share"]) for r in records]
+    lines = ["| | " + " | ".join(c[0] for c in cols) + " |", "|---|" + "---|" * len(cols),
+             "| share of annotated pixels | " + " | ".join(f"{100 * c[2]:.1f} %" for c in cols) + " |",
+             "| mIoU | " + " | ".join(f"{100 * c[1]['mIoU']:.2f}" for c in cols) + " |"]
+    for i, name in enumerate(names):
+        lines.append(f"| {name} | " + " | ".join(f"{100 * c[1]['iou'][i]:.2f}" for c in cols) + " |")
+    lines.append("")
+    lines.append(f"{records[0]['frames']} frames with ground truth; IoU in %.")
+    return "\n".join(lines)
+
+
 def offsets_markdown(named: list[tuple[str, list[dict[str, Any]]]]) -> str:
     """Markdown of offset analyses (``offsets.json`` of ``evaluate --offsets``; marker words
     ``NAME=FILE``, split at the last ``=``) side by side: mIoU
@@ -331,10 +358,13 @@ def offsets_markdown(named: list[tuple[str, list[dict[str, Any]]]]) -> str:
 def _table_from_args(args: str) -> str:
     """The table a marker asks for: ``DIR [DIR ...] [--baseline ROW] [--no-per-class]``,
     ``--video-inference FILE`` (a video-inference benchmark record), ``--step-cost FILE`` (a
-    method step-cost record) or ``--offsets NAME=FILE ...`` (offset analyses side by side)."""
+    method step-cost record), ``--pseudo-quality FILE ...`` (pseudo-label-quality records of one
+    set) or ``--offsets NAME=FILE ...`` (offset analyses side by side)."""
     words = shlex.split(args)
     if words and words[0] == "--step-cost":
         return "\n\n".join(step_cost_markdown(json.loads(Path(w).read_text())) for w in words[1:])
+    if words and words[0] == "--pseudo-quality":
+        return pseudo_quality_markdown([json.loads(Path(w).read_text()) for w in words[1:]])
     if words and words[0] == "--video-inference":
         return "\n\n".join(video_inference_markdown(json.loads(Path(w).read_text())) for w in words[1:])
     if words and words[0] == "--offsets":  # --offsets NAME=FILE ...

@@ -449,25 +449,36 @@ def pseudo_label(
 
 
 def pseudo_label_quality(
-    set_dir: str | Path, videoset: Any, gamma: float | None = None, progress: bool = True
+    set_dir: str | Path, videoset: Any, gamma: float | None = None, progress: bool = True,
+    reliable_cfg: Any = None,
 ) -> dict[str, Any]:
     """How good a pseudo-label set is where the video set has ground truth for its frames (e.g. the
     hidden labels of a label-ratio split): one confusion matrix over ALL pseudo-labeled pixels and
     one over the RELIABLE pixels only (entropy < ``gamma`` nats, default 0.5 ln C, the
     student fine-tuning's default threshold), plus the share of annotated pixels that are reliable.
 
-    Returns ``frames`` (frames with ground truth; frames without are skipped), ``gamma``,
-    ``reliable_share``, and ``all`` / ``reliable``: ``mIoU``, ``pixel_acc``, ``mAcc``, ``fwIoU``
-    and per-class ``iou`` (``ConfusionMatrix.compute``). DataError when no frame of the set has
-    ground truth."""
+    ``reliable_cfg`` (a ``method.reliable`` section, :class:`semivss.methods.self_training.ReliableConfig`)
+    selects the reliable pixels as the student does instead (threshold, or the lowest-entropy
+    ``keep`` share, of each pseudo-labeled class with ``classwise``); percentiles are taken per
+    frame here (the student takes them per batch). Give ``gamma`` or ``reliable_cfg``, not both.
+
+    Returns ``frames`` (frames with ground truth; frames without are skipped), ``gamma`` (None for
+    percentile modes), ``reliable`` settings, ``reliable_share``, and ``all`` / ``reliable``:
+    ``mIoU``, ``pixel_acc``, ``mAcc``, ``fwIoU`` and per-class ``iou``
+    (``ConfusionMatrix.compute``). DataError when no frame of the set has ground truth."""
     from semivss.data.pseudo import read_pseudo_set
+    from semivss.methods.self_training import ReliableConfig, split_reliable
     from semivss.metrics.confusion import ConfusionMatrix
 
     pset = read_pseudo_set(set_dir, videoset)
     c = pset.num_classes
-    gamma = 0.5 * math.log(c) if gamma is None else float(gamma)
-    if gamma <= 0:
-        raise ConfigError(f"gamma must be > 0 nats, got {gamma}")
+    if reliable_cfg is not None and gamma is not None:
+        raise ConfigError("give gamma or a reliability section, not both")
+    if reliable_cfg is None:
+        if gamma is not None and gamma <= 0:
+            raise ConfigError(f"gamma must be > 0 nats, got {gamma}")
+        reliable_cfg = ReliableConfig(mode="threshold", gamma=0.5 * math.log(c) if gamma is None else float(gamma))
+    gamma = reliable_cfg.gamma if reliable_cfg.mode == "threshold" else None
     mats = {"all": ConfusionMatrix(c), "reliable": ConfusionMatrix(c)}
     annotated = reliable = frames = 0
     with make_progress(progress) as bar:
@@ -478,7 +489,9 @@ def pseudo_label_quality(
                 continue
             gt = videoset.read_label(ref)
             label, q = pset.read(ref, size=gt.shape)
-            keep = pset.decode_entropy(q) < gamma
+            ent = torch.from_numpy(pset.decode_entropy(q))
+            keep = split_reliable(ent, torch.ones_like(ent, dtype=torch.bool), reliable_cfg, c,
+                                  label=torch.from_numpy(label.astype(np.int64)))[0].numpy()
             mats["all"].update(label, gt)
             mats["reliable"].update(label, np.where(keep, gt, 255).astype(gt.dtype))
             has_gt = gt != 255
@@ -487,7 +500,8 @@ def pseudo_label_quality(
             frames += 1
     if frames == 0:
         raise DataError(f"no frame of pseudo-label set {set_dir} has a ground-truth label in {videoset.name!r}")
-    out: dict[str, Any] = {"frames": frames, "gamma": gamma, "reliable_share": reliable / max(annotated, 1)}
+    out: dict[str, Any] = {"frames": frames, "gamma": gamma, "reliable_rule": reliable_cfg.model_dump(),
+                           "reliable_share": reliable / max(annotated, 1)}
     for name, mat in mats.items():
         m = mat.compute()
         out[name] = {k: float(m[k]) for k in ("mIoU", "pixel_acc", "mAcc", "fwIoU")}
