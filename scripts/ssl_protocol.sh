@@ -18,7 +18,10 @@
 # and reuses the teacher and the pseudo-labels of the plain recipe row.
 # Environment: RUNS (default runs/ssl), CAMVID (CamVid root), ITERS (default 1000), SEED (adds
 # --set train.seed=SEED and a -sSEED suffix to the row), RESULTS (default results/camvid-ssvs-1-RATIO),
-# OVERRIDES (more --set options for the rows, e.g. for a smoke test), BASE_ONLY=1 (stop after the base).
+# OVERRIDES (more --set options for the rows, e.g. for a smoke test), BASE_ONLY=1 (stop after the base),
+# POOL=one_per_interval (the image-SSL pool of the IFR paper's Table 1: one unlabeled frame per label
+# interval instead of every unlabeled frame, data.split.unlabeled; method rows suffixed -pool1; the
+# control has no unlabeled frames and keeps its name; not for the recipe row).
 # Finished steps are skipped and an interrupted training resumes from its last.pt. BASE_MODEL
 # (a weights file kept outside the repository) skips training the base.
 set -euo pipefail
@@ -37,6 +40,12 @@ RESULTS=${RESULTS:-results/camvid-ssvs-1-$K}
 P=camvid-ssvs-1-$K
 BASE=$RUNS/$P-supervised-base
 SUFFIX=${SEED:+-s$SEED}
+POOL_SUFFIX="" POOL_SET=()
+case "${POOL:-all}" in
+  all) ;;
+  one_per_interval) POOL_SUFFIX=-pool1; POOL_SET=(--set data.split.unlabeled=one_per_interval) ;;
+  *) echo "POOL must be all or one_per_interval, got $POOL" >&2; exit 2 ;;
+esac
 SEED_SET=(); [ -n "${SEED:-}" ] && SEED_SET=(--set train.seed="$SEED")
 
 train() {  # config out_dir [--set ...]: train unless finished, resume if interrupted
@@ -93,17 +102,21 @@ recipe_row() {  # the offline recipe, warm-started: teacher, pseudo-label set, s
 
 # 2. control and warm-started methods
 for row in "${ROWS[@]}"; do
-  if [ "$row" = recipe ]; then recipe_row; continue; fi
-  m=$row; [ "$row" = control ] && m=supervised
+  if [ "$row" = recipe ]; then
+    [ -z "$POOL_SUFFIX" ] || { echo "POOL applies to the online methods, not the recipe row" >&2; exit 2; }
+    recipe_row; continue
+  fi
+  m=$row; pool=$POOL_SUFFIX pool_set=("${POOL_SET[@]}")
+  [ "$row" = control ] && { m=supervised; pool=""; pool_set=(); }
   cfg=$CFG/${m}_1-$K.yaml
   [ -f "$cfg" ] || { echo "no config $cfg for row $row" >&2; exit 2; }
-  out=$RUNS/$P-$row-warm$SUFFIX
-  extra=(--set name="$P-$row-warm$SUFFIX" --set model.init_from="$BASE_MODEL"
-         --set schedule.iters="$ITERS" "${SEED_SET[@]}")
+  out=$RUNS/$P-$row-warm$pool$SUFFIX
+  extra=(--set name="$P-$row-warm$pool$SUFFIX" --set model.init_from="$BASE_MODEL"
+         --set schedule.iters="$ITERS" "${SEED_SET[@]}" "${pool_set[@]}")
   # IFR's loss ramp (docs/methods.md#3-ifr: 4000 of 40k iterations) scaled to the budget
   [ "$m" = ifr ] && extra+=(--set method.ramp_iters=$((ITERS / 10)))
   train "$cfg" "$out" "${extra[@]}" ${OVERRIDES:-}
-  evaluate_and_record "$out" "$row$SUFFIX"
+  evaluate_and_record "$out" "$row$pool$SUFFIX"
 done
 
 semivss results table "$RESULTS" --baseline "control$SUFFIX"
