@@ -474,7 +474,7 @@ def test_exported_accel_reloads_as_a_keyframe_predictor(trained) -> None:
 def test_keyframe_evaluate_and_predict_through_the_cli(trained, tmp_path: Path) -> None:
     out = tmp_path / "eval"
     _invoke(["evaluate", trained["acc"], "--data", trained["data"], "--format", "synthetic", "--split", "val",
-             "--keyframe-interval", "4", "--out", out])
+             "--keyframe-interval", "4", "--smooth", "0.5", "--out", out])
     m = json.loads((out / "metrics.json").read_text())["metrics"]
     assert 0.0 <= m["mIoU"] <= 1.0 and m["n_frames"] == 12
     # a per-frame checkpoint with --keyframe-interval: flow propagation of its scores
@@ -491,6 +491,7 @@ def test_keyframe_evaluate_and_predict_through_the_cli(trained, tmp_path: Path) 
                                 "warp_at": "input"}
     accel_video = json.loads((out / "metrics.json").read_text())["video"]
     assert (accel_video["keyframe_interval"], accel_video["propagation"], accel_video["warp_at"]) == (4, "chained", "score")
+    assert accel_video["smooth"] == 0.5  # the smoothing around the key-frame predictor is recorded too
     # key-frame options on a per-frame model without --keyframe-interval are refused
     alone = runner.invoke(app, ["evaluate", str(trained["sup"]), "--data", str(trained["data"]), "--format",
                                 "synthetic", "--split", "val", "--propagation", "composed", "--out", str(tmp_path / "x")])

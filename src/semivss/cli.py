@@ -191,18 +191,6 @@ def _video_predictor(
     return TemporalSmoothing(predictor, smooth)
 
 
-def _video_settings(predictor: Any) -> dict[str, Any] | None:
-    """What a video predictor does over time (key frames, flow, propagation, smoothing), as the
-    values it runs with; None for per-frame inference."""
-    out: dict[str, Any] = {}
-    if hasattr(predictor, "momentum") and hasattr(predictor, "base"):  # TemporalSmoothing
-        out["smooth"] = predictor.momentum
-        predictor = predictor.base
-    if hasattr(predictor, "settings"):
-        out.update(predictor.settings())
-    return out or None
-
-
 def _label_rule(label_every: Optional[int], label_position: Optional[int], meta: dict, ckpt: Path) -> Any:
     """The labeled-frame rule: --label-every k / --label-position p, else the rule the checkpoint
     was trained with (its ``data.split``)."""
@@ -340,13 +328,14 @@ def evaluate_cmd(
             stills=save_stills, stills_dir=stage / "stills",
         )
         console.print(result.table(title=f"{checkpoint.name} on {data.name} ({split} split)"))
+        from semivss.inference.video_predictor import video_settings
         from semivss.results import git_commit
 
         result.to_json(stage / "metrics.json", context={
             "checkpoint": str(checkpoint), "ensemble": [str(e) for e in ensemble] or None, "weights": weights,
             "data": str(data), "format": fmt, "split": split, "label_map": str(label_map) if label_map else None,
             "inference": {"scales": list(ecfg.scales), "flip": ecfg.flip, "size": ecfg.size, "mode": ecfg.mode},
-            "video": _video_settings(video_predictor), "commit": git_commit(Path.cwd())})
+            "video": video_settings(video_predictor), "commit": git_commit(Path.cwd())})
         if rule is not None:
             from semivss.metrics.offset import offset_table_text, plot_offsets, save_offset_tables
 
@@ -573,10 +562,9 @@ def pseudo_label_quality_cmd(
     table = Table(title=f"{set_dir}: {q['frames']} frames with ground truth")
     for col in ("pixels", "mIoU", "pixel acc", "mAcc"):
         table.add_column(col, justify="right" if col != "pixels" else "left")
-    r = q["reliable_rule"]
-    rule_text = (f"H < {q['gamma']:.3f}" if q["gamma"] is not None else
-                 f"lowest-entropy {100 * r['keep']:g} %{' per class' if r['classwise'] else ''}")
-    for name, label in (("all", "all"), ("reliable", f"reliable ({rule_text})")):
+    from semivss.results import reliable_rule_text
+
+    for name, label in (("all", "all"), ("reliable", f"reliable ({reliable_rule_text(q)})")):
         m = q[name]
         table.add_row(label, *(f"{100 * m[k]:.2f}" for k in ("mIoU", "pixel_acc", "mAcc")))
     console.print(table)

@@ -294,7 +294,8 @@ def step_cost_markdown(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _reliable_rule_text(record: dict[str, Any]) -> str:
+def reliable_rule_text(record: dict[str, Any]) -> str:
+    """The reliability rule of a pseudo-label-quality record in words."""
     rule = record.get("reliable_rule") or {"mode": "threshold", "gamma": record.get("gamma")}
     if rule.get("mode") == "threshold":
         return f"entropy < {float(rule['gamma']):.3g} nats"
@@ -310,7 +311,7 @@ def pseudo_quality_markdown(records: list[dict[str, Any]]) -> str:
     names = next((r["class_names"] for r in records if r.get("class_names")),
                  [f"class {i}" for i in range(len(records[0]["all"]["iou"]))])
     cols = [("all pixels", records[0]["all"], 1.0)]
-    cols += [(_reliable_rule_text(r), r["reliable"], r["reliable_share"]) for r in records]
+    cols += [(reliable_rule_text(r), r["reliable"], r["reliable_share"]) for r in records]
     lines = ["| | " + " | ".join(c[0] for c in cols) + " |", "|---|" + "---|" * len(cols),
              "| share of annotated pixels | " + " | ".join(f"{100 * c[2]:.1f} %" for c in cols) + " |",
              "| mIoU | " + " | ".join(f"{100 * c[1]['mIoU']:.2f}" for c in cols) + " |"]

@@ -467,7 +467,7 @@ def pseudo_label_quality(
     ``mIoU``, ``pixel_acc``, ``mAcc``, ``fwIoU`` and per-class ``iou``
     (``ConfusionMatrix.compute``). DataError when no frame of the set has ground truth."""
     from semivss.data.pseudo import read_pseudo_set
-    from semivss.methods.self_training import ReliableConfig, split_reliable
+    from semivss.methods.self_training import ReliableConfig, default_gamma, split_reliable
     from semivss.metrics.confusion import ConfusionMatrix
 
     pset = read_pseudo_set(set_dir, videoset)
@@ -477,7 +477,7 @@ def pseudo_label_quality(
     if reliable_cfg is None:
         if gamma is not None and gamma <= 0:
             raise ConfigError(f"gamma must be > 0 nats, got {gamma}")
-        reliable_cfg = ReliableConfig(mode="threshold", gamma=0.5 * math.log(c) if gamma is None else float(gamma))
+        reliable_cfg = ReliableConfig(mode="threshold", gamma=default_gamma(c) if gamma is None else float(gamma))
     gamma = reliable_cfg.gamma if reliable_cfg.mode == "threshold" else None
     mats = {"all": ConfusionMatrix(c), "reliable": ConfusionMatrix(c)}
     annotated = reliable = frames = 0

@@ -51,6 +51,13 @@ class VideoPredictor(Protocol):
     def eval_mode(self) -> contextlib.AbstractContextManager[object]: ...
 
 
+def video_settings(predictor: Any) -> dict[str, Any] | None:
+    """The options a video predictor runs with over time (its ``settings()``: key frames, flow,
+    propagation, smoothing); None for per-frame inference."""
+    settings = getattr(predictor, "settings", None)
+    return settings() if callable(settings) else None
+
+
 class TemporalSmoothing:
     """Exponential smoothing of a per-frame predictor's class probabilities over time:
     ``q_t = (1 - m) p_t + m q_{t-1}`` (``q_0 = p_0``; restarted at each video and whenever the
@@ -69,6 +76,10 @@ class TemporalSmoothing:
     @property
     def input_size(self) -> tuple[int, int] | None:
         return self.base.input_size
+
+    def settings(self) -> dict[str, Any]:
+        """Its momentum, with the settings of the predictor it smooths."""
+        return {"smooth": self.momentum, **(video_settings(self.base) or {})}
 
     def reset(self) -> None:
         self._state = None
