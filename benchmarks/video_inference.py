@@ -36,10 +36,35 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="key-frame rows: chained (Accel) or composed flows since the key frame")
     p.add_argument("--warp-at", default="score", choices=["score", "input"],
                    help="key-frame rows: warp on the reference's output grid or at the input size")
+    p.add_argument("--rows", default="per-frame,accel,flow",
+                   help="row groups, comma-separated: per-frame (reference and update; the speed-ups need "
+                        "the reference row), accel (Accel K), flow (reference + flow K)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=None, help="write the figures as a JSON record")
     return p.parse_args(argv)
+
+
+def load_accel(args: argparse.Namespace, need_update: bool) -> tuple[Any, Any, Any, bool, Any] | None:
+    """``(device, Accel model, eval config, amp, videoset)`` from the shared options (``accel``,
+    ``threads``, ``device``, ``amp``, ``data``, ``format``, ``split``); None, with a message, when
+    the checkpoint is not an Accel model (with an update branch if ``need_update``)."""
+    import torch
+
+    from semivss.data.formats import load_dataset
+    from semivss.engine.precision import Precision
+    from semivss.experiment import eval_config_from, load_trained_model
+    from semivss.models.accel import AccelNet
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    net, meta = load_trained_model(args.accel, dev)
+    if not isinstance(net, AccelNet) or (need_update and net.update is None):
+        print(f"{args.accel}: not an Accel model{' with an update branch' if need_update else ''}", file=sys.stderr)
+        return None
+    amp = args.amp if args.amp is not None else Precision.from_config("auto", dev).name == "bf16"
+    return dev, net, eval_config_from(meta, amp=amp, batch_size=8), amp, load_dataset(args.format, args.data, args.split)
 
 
 class Timed:
@@ -70,9 +95,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from torch import nn
 
-    from semivss.data.formats import load_dataset
-    from semivss.engine.precision import Precision
-    from semivss.experiment import eval_config_from, load_trained_model
     from semivss.inference.evaluate import evaluate
     from semivss.inference.keyframes import KeyframePredictor
     from semivss.inference.predict import Predictor
@@ -80,16 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     from semivss.models.flow import build_flow
     from semivss.results import git_commit, machine_info, write_record
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dev = torch.device(args.device)
-    net, meta = load_trained_model(args.accel, dev)
-    if not isinstance(net, AccelNet) or net.update is None:
-        print(f"{args.accel}: not an Accel model with an update branch", file=sys.stderr)
+    loaded = load_accel(args, need_update=True)
+    if loaded is None:
         return 2
-    amp = args.amp if args.amp is not None else Precision.from_config("auto", dev).name == "bf16"
-    cfg = eval_config_from(meta, amp=amp, batch_size=8)
-    videoset = load_dataset(args.format, args.data, args.split)
+    dev, net, cfg, amp, videoset = loaded
     frames = videoset.annotated()
     flow_name = args.flow or net.flow
     intervals = [int(k) for k in args.intervals.split(",") if k.strip()]
@@ -100,18 +116,28 @@ def main(argv: list[str] | None = None) -> int:
         def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
             return {"logits": net.update_scores(x, x.shape[-2:])}
 
-    rows: list[tuple[str, Any]] = [
-        ("per-frame reference", lambda: Predictor.single(net.reference, cfg)),
-        (f"per-frame update (x{net.update_scale:g} input)", lambda: Predictor.single(UpdateOnly(), cfg)),
-    ]
+    groups = {g.strip() for g in args.rows.split(",") if g.strip()}
+    if not groups or groups - {"per-frame", "accel", "flow"}:
+        print(f"--rows: choose from per-frame, accel, flow; got {args.rows!r}", file=sys.stderr)
+        return 2
+    build_flow(flow_name)  # a bad flow name fails here, before any row runs
+    rows: list[tuple[str, Any]] = []
+    if "per-frame" in groups:
+        rows += [("per-frame reference", lambda: Predictor.single(net.reference, cfg)),
+                 (f"per-frame update (x{net.update_scale:g} input)", lambda: Predictor.single(UpdateOnly(), cfg))]
     prop = {"propagation": args.propagation, "warp_at": args.warp_at}
     warp_only = AccelNet(net.reference, None, net.num_classes, flow=flow_name)
-    for k in intervals:
-        rows.append((f"Accel K={k}", lambda k=k: KeyframePredictor(net, cfg, build_flow(flow_name), k, **prop)))
-    for k in intervals:
-        if k > 1:  # the reference warped along the flow, no update branch (what fusion adds to)
-            rows.append((f"reference + flow K={k}",
-                         lambda k=k: KeyframePredictor(warp_only, cfg, build_flow(flow_name), k, **prop)))
+    if "accel" in groups:
+        for k in intervals:
+            rows.append((f"Accel K={k}", lambda k=k: KeyframePredictor(net, cfg, build_flow(flow_name), k, **prop)))
+    if "flow" in groups:
+        for k in intervals:
+            if k > 1:  # the reference warped along the flow, no update branch (what fusion adds to)
+                rows.append((f"reference + flow K={k}",
+                             lambda k=k: KeyframePredictor(warp_only, cfg, build_flow(flow_name), k, **prop)))
+    if not rows:
+        print("no rows to run (--rows flow needs an interval K > 1)", file=sys.stderr)
+        return 2
 
     def run(make: Any, subset: list[Any]) -> tuple[Any, Timed]:
         timed = Timed(make())
@@ -119,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             res = evaluate(timed, videoset, subset, cfg, dev, progress=False)
         return res, timed
 
-    run(rows[2][1], frames[: min(len(frames), 12)])  # warm-up (allocator, threads, DIS)
+    run(rows[-1][1], frames[: min(len(frames), 12)])  # warm-up (allocator, threads, DIS)
     results = []
     for name, make in rows:
         res, timed = run(make, frames)
@@ -136,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:34s} {row['fps']:7.2f} frames/s  mIoU {100 * row['mIoU']:5.2f}  "
               f"VC8 {100 * (row['VC8'] or 0):5.2f}  VC16 {100 * (row['VC16'] or 0):5.2f}"
               + (f"  [{row['keyframes']} key frames; {stages}]" if stages else ""), flush=True)
-    ref_fps = results[0]["fps"]
-    for row in results:
-        row["speedup_vs_reference"] = round(row["fps"] / ref_fps, 3)
+    if results[0]["row"] == "per-frame reference":
+        for row in results:
+            row["speedup_vs_reference"] = round(row["fps"] / results[0]["fps"], 3)
     info = machine_info()
     print(f"machine: {info.get('cpu')}; device {dev}; {'bf16 autocast' if amp else 'fp32'}; input "
           f"{cfg.size}; flow {flow_name} ({args.propagation}, warp at {args.warp_at}); {len(frames)} frames of {args.format} {args.split}")

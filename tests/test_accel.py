@@ -105,6 +105,28 @@ def test_dis_flow_recovers_a_known_shift(preset: str) -> None:
     assert float(err) < 0.1
 
 
+def test_dis_flow_on_shrunk_frames_returns_the_shift_in_input_pixels() -> None:
+    big = _texture(256, 320)
+    dx, dy = 6, 4
+    previous = big[20:212, 20:276]
+    current = big[20 + dy : 212 + dy, 20 + dx : 276 + dx]
+    est = build_flow("dis-fast@0.5")
+    assert isinstance(est, DISFlow) and est.scale == 0.5 and est.name == "dis-fast@0.5"
+    flow = est(to_tensor(current)[None], to_tensor(previous)[None])
+    assert flow.shape == (1, 2, 192, 256)  # the input grid, vectors in input pixels
+    inner = flow[0, :, 32:-32, 32:-32]
+    assert float(inner[0].median()) == pytest.approx(dx, abs=0.5)
+    assert float(inner[1].median()) == pytest.approx(dy, abs=0.5)
+
+
+@pytest.mark.parametrize("name", ["dis-fast@0", "dis-fast@1.5", "dis-fast@half"])
+def test_a_bad_flow_scale_is_a_config_error(name: str) -> None:
+    from semivss.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="scale"):
+        build_flow(name)
+
+
 class ConstantFlowNet(torch.nn.Module):
     """A stand-in for a learned flow network (RAFT, FlowNet): a conv whose output is a constant
     flow at half resolution, in pixels of that grid (what such networks return)."""

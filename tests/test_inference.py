@@ -481,6 +481,17 @@ def test_evaluate_videoset_offsets_and_outputs(tmp_path: Path) -> None:
     assert res2.metrics["vc_windows"][2] == 15  # a batch spanning both videos keeps VC per video
 
 
+def test_channels_last_resize_equals_the_plain_resize() -> None:
+    from semivss.ops import class_argmax, resize, resize_channels_last
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 11, 15, 20) * 5
+    out = resize_channels_last(x, (60, 80))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out, resize(x, (60, 80)), atol=1e-5, rtol=0)
+    assert torch.equal(class_argmax(resize(out, (90, 120))), resize(resize(x, (60, 80)), (90, 120)).argmax(1))
+
+
 def test_class_argmax_equals_argmax_including_ties_and_layouts() -> None:
     from semivss.ops import class_argmax
 

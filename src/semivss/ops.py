@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["class_argmax", "resize", "resize_labels"]
+__all__ = ["class_argmax", "resize", "resize_channels_last", "resize_labels"]
 
 
 def resize(x: Tensor, size: Sequence[int]) -> Tensor:
@@ -18,6 +18,15 @@ def resize(x: Tensor, size: Sequence[int]) -> Tensor:
     if tuple(x.shape[-2:]) == size:
         return x
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def resize_channels_last(x: Tensor, size: Sequence[int]) -> Tensor:
+    """:func:`resize` computed on a channels-last copy of a (B, C, h, w) score map; the result is
+    channels-last, so :func:`class_argmax` and a softmax over classes then read contiguous memory.
+    The values equal :func:`resize`'s up to float rounding (a few ulp). On a 2-core EPYC, upsampling
+    11-class logits 60x80 -> 240x320 -> 360x480 and taking the argmax costs about a third of the
+    time the plain layout takes (benchmarks/argmax_speed.py)."""
+    return resize(x.contiguous(memory_format=torch.channels_last), size)
 
 
 def resize_labels(x: Tensor, size: Sequence[int]) -> Tensor:

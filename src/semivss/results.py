@@ -257,8 +257,9 @@ def video_inference_markdown(record: dict[str, Any]) -> str:
     for r in record["rows"]:
         st = r.get("stage_seconds") or {}
         stages = " / ".join(f"{st.get(k, 0.0):.2f}" for k in ("reference", "update", "flow", "warp", "fusion"))
+        ratio = f"{r['speedup_vs_reference']:.2f}x" if "speedup_vs_reference" in r else "-"  # no reference row run
         lines.append("| " + " | ".join([
-            r["row"], f"{r['fps']:.2f}", f"{r['speedup_vs_reference']:.2f}x", _pct(r.get("mIoU")),
+            r["row"], f"{r['fps']:.2f}", ratio, _pct(r.get("mIoU")),
             _pct(r.get("fwIoU")), _pct(r.get("VC8")), _pct(r.get("VC16")),
             str(r.get("keyframes", r["frames"])), stages if st else "-"]) + " |")
     m = record.get("machine") or {}

@@ -32,7 +32,7 @@ from semivss.inference.config import EvalConfig
 from semivss.inference.predict import eval_mode
 from semivss.models.accel import AccelNet
 from semivss.models.flow import FlowEstimator, compose_flows, invalid_share, warp
-from semivss.ops import class_argmax, resize
+from semivss.ops import class_argmax, resize, resize_channels_last
 
 __all__ = ["KeyframePredictor"]
 
@@ -199,7 +199,7 @@ class KeyframePredictor:
                         logits[use] = self.net.fuse(score[use], upd).float()
             labels, probs = [], []
             for j in range(logits.shape[0]):  # per frame: bounded temporaries at the output size
-                up = resize(logits[j : j + 1], out_size)
+                up = resize_channels_last(logits[j : j + 1], out_size)
                 labels.append(class_argmax(up))
                 if with_probs:
                     probs.append(torch.softmax(up, dim=1))

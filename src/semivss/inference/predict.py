@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from semivss.errors import ConfigError
-from semivss.ops import class_argmax, resize
+from semivss.ops import class_argmax, resize, resize_channels_last
 
 if TYPE_CHECKING:
     from semivss.inference.video_predictor import VideoPredictor
@@ -67,12 +67,14 @@ upsample = resize  # the shared bilinear resize (semivss.ops), under its histori
 
 
 def _forward(model: nn.Module, x: Tensor, amp: bool) -> Tensor:
-    """Model logits upsampled to the model input size, float32 (B, C, h_in, w_in)."""
+    """Model logits upsampled to the model input size, float32 (B, C, h_in, w_in), channels-last
+    (the later resizes, argmax and softmax over classes then read contiguous memory;
+    :func:`~semivss.ops.resize_channels_last`)."""
     x = x.contiguous(memory_format=torch.channels_last)
     with _autocast(x.device, amp):
         out = model(x)
     logits = out["logits"] if isinstance(out, dict) else out
-    return upsample(logits.float(), (x.shape[-2], x.shape[-1]))
+    return resize_channels_last(logits.float(), (x.shape[-2], x.shape[-1]))
 
 
 def _scaled(hw: tuple[int, int], scale: float) -> tuple[int, int]:
