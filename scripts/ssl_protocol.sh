@@ -15,7 +15,10 @@
 # RECIPE_KEEP=0.8 replaces the threshold by the lowest-entropy share of each batch
 # (method.reliable mode percentile), RECIPE_CLASSWISE=1 takes it per pseudo-labeled class
 # (docs/methods.md#11-class-aware-reliability); the row is then named recipe-keepK[-classwise]
-# and reuses the teacher and the pseudo-labels of the plain recipe row.
+# and reuses the teacher and the pseudo-labels of the plain recipe row. RECIPE_ENSEMBLE=a,b,...
+# (weights files) labels with the teacher and these models instead of the teacher and the base,
+# RECIPE_WEIGHTS their weights (teacher first; default equal); the pseudo-label set and the row
+# get the suffix -ensN (N models in all).
 # Environment: RUNS (default runs/ssl), CAMVID (CamVid root), ITERS (default 1000), SEED (adds
 # --set train.seed=SEED and a -sSEED suffix to the row), RESULTS (default results/camvid-ssvs-1-RATIO),
 # OVERRIDES (more --set options for the rows, e.g. for a smoke test), BASE_ONLY=1 (stop after the base),
@@ -76,10 +79,20 @@ fi
 [ -n "${BASE_ONLY:-}" ] && exit 0
 
 recipe_row() {  # the offline recipe, warm-started: teacher, pseudo-label set, student
-  local teacher=$RUNS/$P-recipe-teacher$SUFFIX pseudo=$RUNS/$P-recipe-pseudo$SUFFIX
-  local variant="" reliable=(--set method.reliable.gamma="${RECIPE_GAMMA:-0.5}")
+  local teacher=$RUNS/$P-recipe-teacher$SUFFIX ens="" members=(--ensemble "$BASE_MODEL") weights=2,1
+  if [ -n "${RECIPE_ENSEMBLE:-}" ]; then
+    local m n=1; members=()
+    IFS=, read -r -a list <<< "$RECIPE_ENSEMBLE"
+    for m in "${list[@]}"; do
+      [ -f "$m" ] || { echo "RECIPE_ENSEMBLE: $m does not exist" >&2; exit 2; }
+      members+=(--ensemble "$m"); n=$((n + 1))
+    done
+    ens=-ens$n weights=${RECIPE_WEIGHTS:-$(printf '1%.0s,' $(seq $n) | sed 's/,$//')}
+  fi
+  local pseudo=$RUNS/$P-recipe-pseudo$ens$SUFFIX
+  local variant=$ens reliable=(--set method.reliable.gamma="${RECIPE_GAMMA:-0.5}")
   if [ -n "${RECIPE_KEEP:-}" ]; then
-    variant=-keep$RECIPE_KEEP${RECIPE_CLASSWISE:+-classwise}
+    variant=$ens-keep$RECIPE_KEEP${RECIPE_CLASSWISE:+-classwise}
     reliable=(--set method.reliable.mode=percentile --set method.reliable.keep="$RECIPE_KEEP"
               --set method.reliable.classwise="$([ -n "${RECIPE_CLASSWISE:-}" ] && echo true || echo false)")
   elif [ -n "${RECIPE_CLASSWISE:-}" ]; then
@@ -88,7 +101,7 @@ recipe_row() {  # the offline recipe, warm-started: teacher, pseudo-label set, s
   local out=$RUNS/$P-recipe-warm$SUFFIX$variant
   train "$CFG/recipe/teacher.yaml" "$teacher" --set name="$P-recipe-teacher$SUFFIX" \
     --set model.init_from="$BASE_MODEL" --set data.split.k="$K" "${SEED_SET[@]}" ${OVERRIDES:-}
-  local pl=(semivss pseudo-label "$teacher/model.safetensors" --ensemble "$BASE_MODEL" --weights 2,1
+  local pl=(semivss pseudo-label "$teacher/model.safetensors" "${members[@]}" --weights "$weights"
             --scales 0.75,1,1.25,1.5 --flip --data "$DATA" --format camvid --split train
             --label-every "$K" --out "$pseudo")
   if [ -f "$pseudo/manifest.json" ]; then "${pl[@]}" --resume; else "${pl[@]}"; fi
