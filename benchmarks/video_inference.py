@@ -36,6 +36,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="key-frame rows: chained (Accel) or composed flows since the key frame")
     p.add_argument("--warp-at", default="score", choices=["score", "input"],
                    help="key-frame rows: warp on the reference's output grid or at the input size")
+    p.add_argument("--bidirectional", action="store_true",
+                   help="key-frame rows: also carry the next key frame's scores back (offline; output delayed)")
     p.add_argument("--rows", default="per-frame,accel,flow",
                    help="row groups, comma-separated: per-frame (reference and update; the speed-ups need "
                         "the reference row), accel (Accel K), flow (reference + flow K)")
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     if "per-frame" in groups:
         rows += [("per-frame reference", lambda: Predictor.single(net.reference, cfg)),
                  (f"per-frame update (x{net.update_scale:g} input)", lambda: Predictor.single(UpdateOnly(), cfg))]
-    prop = {"propagation": args.propagation, "warp_at": args.warp_at}
+    prop = {"propagation": args.propagation, "warp_at": args.warp_at, "bidirectional": args.bidirectional}
     warp_only = AccelNet(net.reference, None, net.num_classes, flow=flow_name)
     if "accel" in groups:
         for k in intervals:
@@ -167,13 +169,14 @@ def main(argv: list[str] | None = None) -> int:
             row["speedup_vs_reference"] = round(row["fps"] / results[0]["fps"], 3)
     info = machine_info()
     print(f"machine: {info.get('cpu')}; device {dev}; {'bf16 autocast' if amp else 'fp32'}; input "
-          f"{cfg.size}; flow {flow_name} ({args.propagation}, warp at {args.warp_at}); {len(frames)} frames of {args.format} {args.split}")
+          f"{cfg.size}; flow {flow_name} ({args.propagation}{', bidirectional' if args.bidirectional else ''}, warp at {args.warp_at}); {len(frames)} frames of {args.format} {args.split}")
     if args.out is not None:
         record = {
             "benchmark": "video_inference", "model": str(args.accel), "data": str(args.data),
             "format": args.format, "split": args.split, "frames": len(frames), "input_size": cfg.size,
             "precision": "bf16" if amp else "fp32", "device": str(dev), "flow": flow_name,
-            "propagation": args.propagation, "warp_at": args.warp_at, "update_scale": net.update_scale, "commit": git_commit(Path.cwd()), "machine": info,
+            "propagation": args.propagation, "warp_at": args.warp_at, "bidirectional": args.bidirectional,
+            "update_scale": net.update_scale, "commit": git_commit(Path.cwd()), "machine": info,
             "rows": results,
         }
         write_record(record, args.out, overwrite=True)

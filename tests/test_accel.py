@@ -341,6 +341,77 @@ def test_keyframes_every_k_frames_and_reference_warped_in_between() -> None:
     assert p.keyframes == 4  # a new video starts with a key frame
 
 
+class ZeroFlow:
+    """A flow estimator that sees no motion, so warping is the identity."""
+
+    def __call__(self, current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(current.shape[0], 2, *current.shape[-2:])
+
+
+class PixelClassifier(torch.nn.Module):
+    """Logits at the input resolution from a fixed 1x1 map of the colours (scores move with the image)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.conv = torch.nn.Conv2d(3, C, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": 3 * self.conv(x)}
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_bidirectional_blends_both_key_frames_by_nearness(batch: int) -> None:
+    """Zero flow, K = 3: frame 1 = log(2/3 p0 + 1/3 p3), frame 2 = log(1/3 p0 + 2/3 p3); frames after
+    the last key frame come from it alone at the end of the video; whatever the batch size, every frame
+    is answered once and in order."""
+    from semivss.inference.video_predictor import run_videos
+
+    net = AccelNet(PixelClassifier(), None, C).eval()
+    frames = torch.randn(6, 3, 8, 12)
+    p = KeyframePredictor(net, EvalConfig(size=(8, 12)), ZeroFlow(), interval=3, bidirectional=True)
+    items = list(range(6))
+    with p.eval_mode():
+        out = list(run_videos(p, items, video=lambda i: "v", image=lambda i: frames[i], out_size=lambda i: (8, 12),
+                              batch_size=batch, device="cpu", with_probs=True))
+    assert [i for done, _, _ in out for i in done] == items
+    probs = torch.cat([pr for _, _, pr in out])
+    with torch.no_grad():
+        pk = torch.softmax(net.reference(frames)["logits"], 1)
+    want = [pk[0], 2 / 3 * pk[0] + 1 / 3 * pk[3], 1 / 3 * pk[0] + 2 / 3 * pk[3], pk[3], pk[3], pk[3]]
+    for t, w in enumerate(want):
+        assert torch.allclose(probs[t], w, atol=1e-5), t
+    assert p.keyframes == 2
+
+
+def test_bidirectional_carries_the_next_key_frame_back_along_the_motion() -> None:
+    """A texture moving 2 px right per frame, scores that move with it, DIS flow: the next key
+    frame's scores carried back to a middle frame land where that frame's own scores are, as the
+    previous key frame's carried forward do; with the direction reversed they would be 2 px per
+    frame off."""
+    big = _texture(128, 192, seed=4)
+    frames = torch.cat([to_tensor(big[16:112, 40 - 2 * t : 168 - 2 * t])[None] for t in range(5)])
+    net = AccelNet(PixelClassifier(), None, C).eval()
+    with torch.no_grad():
+        own = torch.softmax(net.reference(frames)["logits"], 1)
+
+    def run(bidirectional: bool, interval: int) -> torch.Tensor:
+        p = KeyframePredictor(net, EvalConfig(size=(96, 128)), DISFlow("fast"), interval=interval,
+                              propagation="composed", warp_at="input", bidirectional=bidirectional)
+        with p.eval_mode():
+            _, pr = p.step(frames, (96, 128), with_probs=True)
+            _, rest = p.finish()
+        return torch.cat([pr, rest]) if rest is not None else pr
+
+    inner = (slice(None), slice(12, -12), slice(12, -12))
+    both, forward = run(True, 4), run(False, 4)
+    err_both = (both[2][inner] - own[2][inner]).abs().mean()
+    err_fwd = (forward[2][inner] - own[2][inner]).abs().mean()
+    with torch.no_grad():  # what the next key frame's scores give when not moved at all
+        stale = (own[4][inner] - own[2][inner]).abs().mean()
+    assert err_both < 0.5 * stale and err_both < 2 * err_fwd + 0.01
+
+
 def test_adaptive_keyframes_on_a_scene_cut() -> None:
     a, b = to_tensor(_texture(seed=1))[None], to_tensor(_texture(seed=2))[None]
     frames = torch.cat([a, a, a, b, b, b])  # a cut after frame 2
@@ -510,7 +581,13 @@ def test_keyframe_evaluate_and_predict_through_the_cli(trained, tmp_path: Path) 
     assert (written["split"], written["format"], written["checkpoint"]) == ("val", "synthetic", str(trained["sup"]))
     assert written["video"] == {"keyframe_interval": 3, "flow": "dis-ultrafast", "keyframe_max_flow": None,
                                 "keyframe_max_invalid": 0.5, "keyframe_output": "fuse", "propagation": "composed",
-                                "warp_at": "input"}
+                                "warp_at": "input", "bidirectional": False}
+    # offline: both sides of each key frame, every annotated frame answered once
+    out3 = tmp_path / "eval3"
+    _invoke(["evaluate", trained["acc"], "--data", trained["data"], "--format", "synthetic", "--split", "val",
+             "--keyframe-interval", "4", "--bidirectional", "--out", out3])
+    both = json.loads((out3 / "metrics.json").read_text())
+    assert both["metrics"]["n_frames"] == 12 and both["video"]["bidirectional"] is True
     accel_video = json.loads((out / "metrics.json").read_text())["video"]
     assert (accel_video["keyframe_interval"], accel_video["propagation"], accel_video["warp_at"]) == (4, "chained", "score")
     assert accel_video["smooth"] == 0.5  # the smoothing around the key-frame predictor is recorded too

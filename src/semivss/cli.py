@@ -148,6 +148,8 @@ MAX_INVALID_HELP = ("Adaptive key frames: also a key frame when this share of wa
 FLOW_HELP = "Optical flow for key-frame inference: dis-ultrafast | dis-fast | dis-medium (default: the model's)."
 PROPAGATION_HELP = ("Key-frame inference: chained (default, Accel: warp the carried scores frame to frame) | "
                     "composed (compose the flows since the key frame, warp its scores once).")
+BIDIRECTIONAL_HELP = ("Key-frame inference, offline: also carry the next key frame's scores back to the frames "
+                      "before it and average both sides by nearness (outputs lag by up to K - 1 frames).")
 WARP_AT_HELP = ("Key-frame inference: score (default, Accel: warp on the reference's output grid) | input "
                 "(upsample the key frame's scores to the input size, then warp; the fusion runs there too).")
 
@@ -162,12 +164,13 @@ def _video_predictor(
     max_invalid: Optional[float] = None,
     propagation: Optional[str] = None,
     warp_at: Optional[str] = None,
+    bidirectional: bool = False,
 ) -> Any:
     """The predictor stepped through each video: an Accel model (or, with ``--keyframe-interval``,
     a per-frame model) as a key-frame predictor, then optionally smoothed (``--smooth``)."""
     from semivss.inference.video_predictor import TemporalSmoothing
 
-    keyframe_opts = [keyframe_interval, flow, max_flow, max_invalid, propagation, warp_at]
+    keyframe_opts = [keyframe_interval, flow, max_flow, max_invalid, propagation, warp_at, bidirectional or None]
     model = predictor.members[0].model
     if hasattr(model, "as_video_predictor") or any(v is not None for v in keyframe_opts):
         if len(predictor.members) > 1:
@@ -178,13 +181,13 @@ def _video_predictor(
 
         if not isinstance(model, AccelNet):  # a per-frame model: flow propagation of its scores
             if keyframe_interval is None:
-                raise SemivssError("--flow, --propagation, --warp-at and --keyframe-max-* apply to key-frame "
-                                   "inference: give --keyframe-interval K for a per-frame model")
+                raise SemivssError("--flow, --propagation, --warp-at, --bidirectional and --keyframe-max-* apply "
+                                   "to key-frame inference: give --keyframe-interval K for a per-frame model")
             model = AccelNet(model, None, num_classes, keyframe_interval=keyframe_interval)
         predictor = KeyframePredictor(
             model, predictor.members[0].cfg, build_flow(flow or model.flow),
             keyframe_interval or model.keyframe_interval, max_flow=max_flow, max_invalid=max_invalid,
-            propagation=propagation or "chained", warp_at=warp_at or "score",
+            propagation=propagation or "chained", warp_at=warp_at or "score", bidirectional=bidirectional,
         )
     if not smooth:
         return predictor
@@ -296,6 +299,7 @@ def evaluate_cmd(
     flow: Optional[str] = typer.Option(None, "--flow", help=FLOW_HELP),
     propagation: Optional[str] = typer.Option(None, "--propagation", help=PROPAGATION_HELP),
     warp_at: Optional[str] = typer.Option(None, "--warp-at", help=WARP_AT_HELP),
+    bidirectional: bool = typer.Option(False, "--bidirectional", help=BIDIRECTIONAL_HELP),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     overwrite: bool = typer.Option(False, help="Allow writing into a non-empty output folder."),
 ) -> None:
@@ -321,7 +325,8 @@ def evaluate_cmd(
         # The evaluated split is scored once; its per-frame results also feed the offset analysis.
         eval_offsets = labeled_offsets(videoset, rule) if rule else None
         video_predictor = _video_predictor(predictor, int(metas[0]["num_classes"]), smooth, keyframe_interval,
-                                           flow, keyframe_max_flow, keyframe_max_invalid, propagation, warp_at)
+                                           flow, keyframe_max_flow, keyframe_max_invalid, propagation, warp_at,
+                              bidirectional)
         result = evaluate(
             video_predictor, videoset, videoset.annotated(), ecfg, dev, offsets=eval_offsets,
             save_dir=stage / "preds" if save_preds else None,
@@ -370,6 +375,7 @@ def predict(
     flow: Optional[str] = typer.Option(None, "--flow", help=FLOW_HELP),
     propagation: Optional[str] = typer.Option(None, "--propagation", help=PROPAGATION_HELP),
     warp_at: Optional[str] = typer.Option(None, "--warp-at", help=WARP_AT_HELP),
+    bidirectional: bool = typer.Option(False, "--bidirectional", help=BIDIRECTIONAL_HELP),
     out_format: str = typer.Option("overlay", "--format",
                                    help="overlay: label PNGs, overlays, mp4 of one video | vspw-submission: SOURCE "
                                         "is a VSPW root, every frame of --split as <video>/<frame>.png class ids 0..123"),
@@ -395,14 +401,16 @@ def predict(
 
         videoset = _load_set("vspw", source, split, None, metas[0], checkpoint)
         vp = _video_predictor(predictor, int(metas[0]["num_classes"]), smooth, keyframe_interval,
-                              flow, keyframe_max_flow, keyframe_max_invalid, propagation, warp_at)
+                              flow, keyframe_max_flow, keyframe_max_invalid, propagation, warp_at,
+                              bidirectional)
         with _writing_into(out), staged_dir(out, overwrite) as stage:
             n = write_submission(vp, videoset, stage, ecfg, dev)
         console.print(f"{n} frames of {len(videoset.videos)} videos -> {out}/<video>/<frame>.png")
         return
     palette = np.asarray(metas[0]["palette"], dtype=np.uint8)
     video_predictor = _video_predictor(predictor, int(metas[0]["num_classes"]), smooth, keyframe_interval,
-                                       flow, keyframe_max_flow, keyframe_max_invalid, propagation, warp_at)
+                                       flow, keyframe_max_flow, keyframe_max_invalid, propagation, warp_at,
+                              bidirectional)
     # Written into a temporary sibling folder that replaces OUT only when every frame succeeded.
     with _writing_into(out), staged_dir(out, overwrite) as stage:
         summary = predict_source(video_predictor, source, stage, palette, ecfg, dev, fps=fps, overwrite=True)

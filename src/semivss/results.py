@@ -266,7 +266,8 @@ def video_inference_markdown(record: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"{record['frames']} frames of {record['format']} {record['split']} at "
                  f"{record['input_size'][0]}x{record['input_size'][1]}, {record['precision']}, flow "
-                 f"{record['flow']} ({record.get('propagation', 'chained')} propagation, warped on the "
+                 f"{record['flow']} ({record.get('propagation', 'chained')} propagation"
+                 f"{', both sides of each key frame' if record.get('bidirectional') else ''}, warped on the "
                  f"{'input' if record.get('warp_at') == 'input' else 'score map'} grid), update branch at "
                  f"x{record['update_scale']:g} input; "
                  f"{m.get('cpu', '?')}, commit {str(record.get('commit') or '?')[:8]}.")

@@ -14,6 +14,13 @@ the reference's output resolution; ``composed`` composes the flows since the key
 ``warp_at="input"`` upsamples the key frame's score map to the input size first, so thin
 structures are not carried on the output-stride grid; the update branch's scores are then
 resized to the input size and the fusion runs there (docs/methods.md#14-accel).
+
+``bidirectional`` (offline): a frame between two key frames is also predicted from the *next*
+key frame, whose scores are carried back along the flows towards the past; the two
+class-probability maps (each fused with the update branch) are averaged with weights by
+temporal nearness. Frames are then returned when the next key frame arrives (``step`` returns
+the oldest frames not yet returned; :meth:`KeyframePredictor.finish` the rest at the end of a
+video, predicted from the previous key frame alone), so the output lags by up to K - 1 frames.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import contextlib
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,6 +45,16 @@ from semivss.ops import class_argmax, resize, resize_channels_last
 __all__ = ["KeyframePredictor"]
 
 
+@dataclass
+class _Pending:
+    """A frame waiting for the next key frame (bidirectional mode)."""
+
+    logits: Tensor  # (1, C, h, w): from the previous key frame (fused with the update branch)
+    update: Tensor | None  # (1, C, h, w): the update branch's scores, for fusing the other side
+    age: int  # frames since the previous key frame
+    ahead: Tensor | None = None  # flow of this frame towards the next one (its forward flow)
+
+
 class KeyframePredictor:
     """Accel / flow propagation over each video's frames in order (the ``VideoPredictor`` contract).
 
@@ -44,7 +62,8 @@ class KeyframePredictor:
     ``keyframe_output``: ``fuse`` (default: key frames too are the fusion of reference and update,
     so K = 1 is the per-frame Accel) or ``reference`` (key frames are the reference alone, as in
     IFR's Accel evaluation). ``propagation``: ``chained`` (default, Accel) or ``composed``;
-    ``warp_at``: ``score`` (default, the reference's output grid) or ``input`` (the input grid).
+    ``warp_at``: ``score`` (default, the reference's output grid) or ``input`` (the input grid);
+    ``bidirectional``: also carry the next key frame's scores back (offline, output delayed).
     """
 
     PROPAGATIONS = ("chained", "composed")
@@ -63,6 +82,7 @@ class KeyframePredictor:
         keyframe_output: str = "fuse",
         propagation: str = "chained",
         warp_at: str = "score",
+        bidirectional: bool = False,
     ) -> None:
         if interval < 1:
             raise ConfigError(f"--keyframe-interval must be >= 1, got {interval}")
@@ -87,6 +107,7 @@ class KeyframePredictor:
         self.keyframe_output = keyframe_output
         self.propagation = propagation
         self.warp_at = warp_at
+        self.bidirectional = bool(bidirectional)
         self.timings: dict[str, float] = defaultdict(float)
         self.frames = 0
         self.keyframes = 0
@@ -102,6 +123,8 @@ class KeyframePredictor:
         self._flow_to_key: Tensor | None = None  # the last frame's flow to the key frame (composed)
         self._prev: Tensor | None = None  # the last frame (for the next flow)
         self._since_key = 0
+        self._pending: list[_Pending] = []  # bidirectional: frames since the last key frame
+        self._out: tuple[tuple[int, int], bool] | None = None  # (out_size, with_probs) of the pending frames
 
     @contextlib.contextmanager
     def eval_mode(self) -> Iterator[KeyframePredictor]:
@@ -149,6 +172,14 @@ class KeyframePredictor:
             prev = x
         return keys, flows
 
+    def _ages(self, keys: list[bool]) -> list[int]:
+        """Frames since the previous key frame (0 on a key frame), given the state before the batch."""
+        ages, age = [], self._since_key - 1
+        for key in keys:
+            age = 0 if key else age + 1
+            ages.append(age)
+        return ages
+
     def step(
         self, images: Tensor, out_size: tuple[int, int], with_probs: bool = False
     ) -> tuple[Tensor, Tensor | None]:
@@ -157,6 +188,7 @@ class KeyframePredictor:
         out_size = (int(out_size[0]), int(out_size[1]))
         with torch.inference_mode():
             keys, flows = self._keyframes(images, dev)
+            ages = self._ages(keys)
             key_idx = [j for j, k in enumerate(keys) if k]
             ref: Tensor | None = None
             if key_idx:
@@ -186,9 +218,11 @@ class KeyframePredictor:
                             self._score, _ = warp(self._key_score, self._flow_to_key)
                     self._since_key += 1
                 scores.append(self._score)
+            prev_frame = self._prev
             self._prev = images[-1:]
             score = torch.cat(scores)
             logits = score
+            updates: list[Tensor | None] = [None] * len(keys)
             if self.net.update is not None:
                 use = [j for j, k in enumerate(keys) if not (k and self.keyframe_output == "reference")]
                 if use:
@@ -197,20 +231,96 @@ class KeyframePredictor:
                     with self._timed("fusion", dev):
                         logits = score.clone()
                         logits[use] = self.net.fuse(score[use], upd).float()
-            labels, probs = [], []
-            for j in range(logits.shape[0]):  # per frame: bounded temporaries at the output size
-                up = resize_channels_last(logits[j : j + 1], out_size)
-                labels.append(class_argmax(up))
-                if with_probs:
-                    probs.append(torch.softmax(up, dim=1))
+                    for i, j in enumerate(use):
+                        updates[j] = upd[i : i + 1]
             self.frames += images.shape[0]
+            if not self.bidirectional:
+                return self._outputs(list(logits.split(1)), out_size, with_probs)
+            return self._bidirectional(images, prev_frame, keys, ages, key_idx, ref, logits, updates, out_size,
+                                       with_probs)
+
+    def _outputs(self, logits: list[Tensor], out_size: tuple[int, int], with_probs: bool) -> tuple[Tensor, Tensor | None]:
+        """Labels (and probabilities) at ``out_size``, frame by frame (bounded temporaries)."""
+        labels, probs = [], []
+        for lg in logits:
+            up = resize_channels_last(lg, out_size)
+            labels.append(class_argmax(up))
+            if with_probs:
+                probs.append(torch.softmax(up, dim=1))
+        if not labels:  # nothing to return yet (bidirectional: no key frame in this batch)
+            c = self.net.num_classes
+            return (torch.zeros(0, *out_size, dtype=torch.long),
+                    torch.zeros(0, c, *out_size) if with_probs else None)
         return torch.cat(labels), (torch.cat(probs) if with_probs else None)
+
+    def _bidirectional(
+        self, images: Tensor, prev_frame: Tensor | None, keys: list[bool], ages: list[int], key_idx: list[int],
+        ref: Tensor | None,
+        logits: Tensor, updates: list[Tensor | None], out_size: tuple[int, int], with_probs: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Queue the batch's non-key frames; at each key frame, resolve the queued ones with its
+        scores carried back along their forward flows, and return them with the key frame."""
+        dev = images.device
+        if self._out is not None and self._out != (out_size, with_probs):
+            raise ConfigError("bidirectional key-frame inference needs one output size per video")
+        self._out = (out_size, with_probs)
+        done: list[Tensor] = []
+        for j, key in enumerate(keys):
+            x = images[j : j + 1]
+            before = images[j - 1 : j] if j > 0 else prev_frame
+            if self._pending and before is not None:  # forward flow of the frame before this one
+                with self._timed("flow", dev):
+                    self._pending[-1].ahead = self.flow(before, x)
+            if not key:
+                self._pending.append(_Pending(logits[j : j + 1], updates[j], ages[j]))
+                continue
+            assert ref is not None
+            key_score = ref[key_idx.index(j) : key_idx.index(j) + 1]
+            done += self._resolve(key_score, dev)
+            done.append(logits[j : j + 1])
+        return self._outputs(done, out_size, with_probs)
+
+    def _resolve(self, key_score: Tensor, dev: torch.device) -> list[Tensor]:
+        """The queued frames blended with ``key_score`` carried back to each of them, oldest first."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return []
+        gap = pending[-1].age + 1  # frames from the previous key frame to this one
+        out: list[Tensor] = [pending[0].logits] * len(pending)
+        carried, total = key_score, None
+        for i in range(len(pending) - 1, -1, -1):
+            p = pending[i]
+            assert p.ahead is not None
+            with self._timed("warp", dev):
+                if self.propagation == "chained":
+                    carried, _ = warp(carried, p.ahead)
+                else:
+                    total = p.ahead if total is None else compose_flows(total, p.ahead)
+                    carried, _ = warp(key_score, total)
+            ahead = carried
+            if p.update is not None:
+                with self._timed("fusion", dev):
+                    ahead = self.net.fuse(carried, p.update).float()
+            w = (gap - p.age) / gap  # weight of the previous key frame: the nearer, the more
+            with self._timed("fusion", dev):
+                blend = w * torch.softmax(p.logits, dim=1) + (1.0 - w) * torch.softmax(ahead, dim=1)
+            out[i] = blend.clamp_min(1e-12).log()
+        return out
+
+    def finish(self) -> tuple[Tensor, Tensor | None]:
+        """The frames still waiting at the end of a video (bidirectional mode): predicted from the
+        previous key frame alone. Empty otherwise."""
+        pending, self._pending = self._pending, []
+        out_size, with_probs = self._out if self._out is not None else ((1, 1), False)
+        self._out = None
+        return self._outputs([p.logits for p in pending], out_size, with_probs)
 
     def settings(self) -> dict[str, Any]:
         """The options it runs with (written into evaluate's metrics.json)."""
         return {"keyframe_interval": self.interval, "flow": getattr(self.flow, "name", type(self.flow).__name__),
                 "keyframe_max_flow": self.max_flow, "keyframe_max_invalid": self.max_invalid,
-                "keyframe_output": self.keyframe_output, "propagation": self.propagation, "warp_at": self.warp_at}
+                "keyframe_output": self.keyframe_output, "propagation": self.propagation, "warp_at": self.warp_at,
+                "bidirectional": self.bidirectional}
 
     def summary(self) -> dict[str, float]:
         """Frames, key frames and seconds per stage so far."""

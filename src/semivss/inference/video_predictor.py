@@ -11,6 +11,7 @@ pseudo-label drive predictors with.
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -20,7 +21,7 @@ from torch import Tensor
 from semivss.errors import ConfigError
 from semivss.ops import class_argmax
 
-__all__ = ["TemporalSmoothing", "VideoPredictor", "frames_until_last", "run_videos"]
+__all__ = ["TemporalSmoothing", "VideoPredictor", "finish_video", "frames_until_last", "run_videos"]
 
 T = TypeVar("T")
 
@@ -46,9 +47,22 @@ class VideoPredictor(Protocol):
         self, images: Tensor, out_size: tuple[int, int], with_probs: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         """``(labels (B,H,W) int64, probs (B,C,H,W) or None)`` at ``out_size`` for ``images``
-        (B,3,h,w): B consecutive frames of the current video, in order."""
+        (B,3,h,w): B consecutive frames of the current video, in order.
+
+        A predictor that needs later frames (bidirectional key frames) may return fewer: the
+        outputs of the oldest frames it has not answered yet, in order; it then has a ``finish()``
+        method that returns the rest at the end of the video (:func:`finish_video`)."""
 
     def eval_mode(self) -> contextlib.AbstractContextManager[object]: ...
+
+
+def finish_video(predictor: Any, with_probs: bool = False) -> tuple[Tensor, Tensor | None]:
+    """The outputs a delaying predictor still owes at the end of a video (its ``finish()``);
+    empty for one that answers every ``step`` in full."""
+    finish = getattr(predictor, "finish", None)
+    if finish is not None:
+        return finish()  # type: ignore[no-any-return]
+    return torch.zeros(0, 1, 1, dtype=torch.long), (torch.zeros(0, 1, 1, 1) if with_probs else None)
 
 
 def video_settings(predictor: Any) -> dict[str, Any] | None:
@@ -92,6 +106,14 @@ class TemporalSmoothing:
         self, images: Tensor, out_size: tuple[int, int], with_probs: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         _, probs = self.base.step(images, out_size, with_probs=True)
+        return self._smooth(probs, with_probs)
+
+    def finish(self) -> tuple[Tensor, Tensor | None]:
+        """The base's frames still waiting at the end of a video, smoothed (a delaying base)."""
+        _, probs = finish_video(self.base, with_probs=True)
+        return self._smooth(probs, True)
+
+    def _smooth(self, probs: Tensor | None, with_probs: bool) -> tuple[Tensor, Tensor | None]:
         assert probs is not None
         out = torch.empty_like(probs)
         m = self.momentum
@@ -128,29 +150,46 @@ def run_videos(
     """Drive ``predictor`` over ``items`` ordered by video, then frame: reset a temporal one at
     each new video, batch up to ``batch_size`` consecutive frames with equal input and output sizes (of one
     video for a temporal predictor; a stateless one may get frames of two videos in one batch), and
-    yield ``(items, labels, probs or None)`` per batch (on the predictor's device)."""
+    yield ``(items, labels, probs or None)`` per answered batch (on the predictor's device). A
+    delaying predictor's answers come later, for the oldest frames first, and the rest at the end of
+    each video (``finish``); the yielded items are always the frames the outputs belong to."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
     batch: list[T] = []
+    waiting: deque[T] = deque()  # frames given to the predictor and not answered yet
     current: str | None = None
 
     def key(item: T) -> tuple[str, tuple[int, ...], tuple[int, int]]:
         return (video(item) if predictor.temporal else ""), tuple(image(item).shape), out_size(item)
 
-    def flush() -> tuple[list[T], Tensor, Tensor | None]:
+    def answered(labels: Tensor, probs: Tensor | None) -> Iterator[tuple[list[T], Tensor, Tensor | None]]:
+        if labels.shape[0] > len(waiting):
+            raise RuntimeError(f"the predictor answered {labels.shape[0]} frames, {len(waiting)} were waiting")
+        if labels.shape[0]:
+            yield [waiting.popleft() for _ in range(labels.shape[0])], labels, probs
+
+    def flush() -> Iterator[tuple[list[T], Tensor, Tensor | None]]:
         images = torch.stack([image(b) for b in batch]).to(device)
-        labels, probs = predictor.step(images, out_size(batch[0]), with_probs=with_probs)
-        return list(batch), labels, probs
+        waiting.extend(batch)
+        yield from answered(*predictor.step(images, out_size(batch[0]), with_probs=with_probs))
+
+    def end_of_video() -> Iterator[tuple[list[T], Tensor, Tensor | None]]:
+        if waiting:
+            yield from answered(*finish_video(predictor, with_probs))
+        if waiting:
+            raise RuntimeError(f"the predictor left {len(waiting)} frames of a video unanswered")
 
     for item in items:
         if batch and (len(batch) == batch_size or key(batch[0]) != key(item)):
-            yield flush()
+            yield from flush()
             batch = []
         if video(item) != current:  # a new video (a batch of a temporal predictor was flushed)
             current = video(item)
             if predictor.temporal:
+                yield from end_of_video()
                 predictor.reset()
         batch.append(item)
     if batch:
-        yield flush()
+        yield from flush()
+    yield from end_of_video()
