@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     flow = build_flow(args.flow or net.flow)
     annotated = videoset.annotated()
     stream = EvalFrames(videoset, annotated, cfg.size,
-                        context=[r for r in frames_until_last(videoset, annotated) if r not in set(annotated)])
+                        context=[r for r in frames_until_last(videoset, annotated, max(intervals) - 1)
+                                 if r not in set(annotated)])  # up to the next key frame of the last one
     videos: dict[str, list[dict[str, Any]]] = {}
     for i in range(len(stream)):
         item = stream[i]

@@ -91,6 +91,19 @@ class Timed:
         self.frames += images.shape[0]
         return out
 
+    def finish(self) -> Any:
+        """A delaying predictor's last answers of a video (timed too); empty for the others."""
+        import torch
+
+        from semivss.inference.video_predictor import finish_video
+
+        t0 = time.perf_counter()
+        out = finish_video(self.base, True)
+        if isinstance(out[0], torch.Tensor) and out[0].device.type == "cuda":
+            torch.cuda.synchronize(out[0].device)
+        self.seconds += time.perf_counter() - t0
+        return out
+
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)

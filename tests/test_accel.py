@@ -119,7 +119,7 @@ def test_dis_flow_on_shrunk_frames_returns_the_shift_in_input_pixels() -> None:
     assert float(inner[1].median()) == pytest.approx(dy, abs=0.5)
 
 
-@pytest.mark.parametrize("name", ["dis-fast@0", "dis-fast@1.5", "dis-fast@half"])
+@pytest.mark.parametrize("name", ["dis-fast@0", "dis-fast@0.05", "dis-fast@1.5", "dis-fast@half", "dis-fast@"])
 def test_a_bad_flow_scale_is_a_config_error(name: str) -> None:
     from semivss.errors import ConfigError
 
@@ -412,6 +412,93 @@ def test_bidirectional_carries_the_next_key_frame_back_along_the_motion() -> Non
     assert err_both < 0.5 * stale and err_both < 2 * err_fwd + 0.01
 
 
+def test_bidirectional_fuses_each_side_with_the_update_branch() -> None:
+    """Zero flow, K = 2, an Accel with a random fusion: frame 1 = 1/2 softmax(fuse(ref_0, upd_1))
+    + 1/2 softmax(fuse(ref_2, upd_1)) on the score grid, then resized to the output size."""
+    net = _accel()
+    frames = torch.randn(3, 3, 32, 48)
+    p = KeyframePredictor(net, EvalConfig(size=(32, 48)), ZeroFlow(), interval=2, bidirectional=True)
+    with p.eval_mode():
+        _, probs = p.step(frames, (40, 60), with_probs=True)
+    with torch.no_grad():
+        ref = net.reference_scores(frames)
+        upd = net.update_scores(frames[1:2], ref.shape[-2:])
+        sides = [torch.softmax(net.fuse(ref[k : k + 1], upd), 1) for k in (0, 2)]
+        want = torch.softmax(resize((0.5 * sides[0] + 0.5 * sides[1]).log(), (40, 60)), 1)
+    assert probs.shape[0] == 3 and torch.allclose(probs[1], want[0], atol=1e-5)
+
+
+def test_bidirectional_composes_the_forward_flows_in_time_order() -> None:
+    """K = 3, frames 0..3: the next key frame's scores reach frame 1 through G_1(x) + G_2(x + G_1(x))
+    (G_t: the flow of frame t towards t + 1); with G_2 = (1, 0) and G_1 varying along x that is
+    G_1 + (1, 0), not (1, 0) + G_1(x + 1)."""
+    h, w = 32, 48
+    xs = torch.arange(w, dtype=torch.float32).expand(h, w)
+    zero = torch.zeros(1, 2, h, w)
+    g1, g2 = torch.zeros(1, 2, h, w), torch.zeros(1, 2, h, w)
+    g1[:, 0] = 0.3 * xs
+    g2[:, 0] = 1.0
+
+    class Stripes(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            phase = torch.arange(x.shape[-1], dtype=torch.float32) * 0.9
+            logits = torch.stack([4 * torch.sin(phase + c) for c in range(C)])[None, :, None, :]
+            return {"logits": logits.expand(x.shape[0], C, x.shape[-2], x.shape[-1])}
+
+    net = AccelNet(Stripes(), None, C).eval()
+    # call order: backward flows of frames 1 and 2 (zero), then forward flows of frames 1 and 2
+    p = KeyframePredictor(net, EvalConfig(size=(h, w)), SequenceFlow([zero, zero, g1, g2]), interval=3,
+                          propagation="composed", warp_at="input", bidirectional=True)
+    with p.eval_mode():
+        _, probs = p.step(torch.randn(4, 3, h, w), (h, w), with_probs=True)
+    with torch.no_grad():
+        key = net.reference(torch.zeros(1, 3, h, w))["logits"]
+    right_flow = g1 + g2
+    wrong_flow = g2.clone()
+    wrong_flow[:, 0] += 0.3 * (xs + 1.0)
+
+    def blend(flow: torch.Tensor) -> torch.Tensor:
+        return 2 / 3 * torch.softmax(key, 1) + 1 / 3 * torch.softmax(warp(key, flow)[0], 1)
+
+    inner = (..., slice(None), slice(0, 30))  # sources inside the frame: 1.3 x + 1.3 <= 47
+    assert torch.allclose(probs[1:2][inner], blend(right_flow)[inner], atol=1e-5)
+    assert (probs[1:2][inner] - blend(wrong_flow)[inner]).abs().max() > 0.01
+
+
+def test_delayed_answers_across_videos_batches_and_smoothing() -> None:
+    """run_videos with a delaying predictor over two videos and odd batch sizes: every frame
+    answered once, in order, each video finished before the next one starts; smoothing around it
+    keeps that, and evaluate steps past the last scored frame up to the next key frame."""
+    from semivss.inference.video_predictor import TemporalSmoothing, frames_until_last, run_videos
+
+    net = AccelNet(PixelClassifier(), None, C).eval()
+    frames = torch.randn(12, 3, 8, 12)
+    items = [("a", i) for i in range(7)] + [("b", i) for i in range(5)]
+    for base_batch in (1, 3, 4):
+        for smooth in (False, True):
+            base = KeyframePredictor(net, EvalConfig(size=(8, 12)), ZeroFlow(), interval=3, bidirectional=True)
+            pred = TemporalSmoothing(base, 0.3) if smooth else base
+            with pred.eval_mode():
+                out = list(run_videos(pred, items, video=lambda it: it[0], image=lambda it: frames[items.index(it)],
+                                      out_size=lambda it: (8, 12), batch_size=base_batch, device="cpu"))
+            answered = [it for done, _, _ in out for it in done]
+            assert answered == items
+            assert all(len({v for v, _ in done}) == 1 for done, _, _ in out)  # one video per answer
+    assert pred.lookahead == 2
+
+    class Refs:
+        def __init__(self, v: str, i: int) -> None:
+            self.video, self.index, self.ref = v, i, (v, i)
+
+    class VideoSet:
+        def video(self, name: str):  # noqa: ANN202
+            return type("V", (), {"frames": [Refs(name, i) for i in range(10)]})()
+
+    got = frames_until_last(VideoSet(), [Refs("a", 4)], beyond=2)
+    assert got == [("a", i) for i in range(7)]
+    assert frames_until_last(VideoSet(), [Refs("a", 8)], beyond=5) == [("a", i) for i in range(10)]
+
+
 def test_adaptive_keyframes_on_a_scene_cut() -> None:
     a, b = to_tensor(_texture(seed=1))[None], to_tensor(_texture(seed=2))[None]
     frames = torch.cat([a, a, a, b, b, b])  # a cut after frame 2
@@ -423,6 +510,15 @@ def test_adaptive_keyframes_on_a_scene_cut() -> None:
         fixed.step(frames, (96, 128))
         adaptive.step(frames, (96, 128))
     assert fixed.keyframes == 1 and adaptive.keyframes == 2
+    # both sides: the key frame at the cut is not carried back into the other scene
+    both = KeyframePredictor(net, EvalConfig(size=(96, 128)), DISFlow("fast"), interval=5, max_flow=2.0,
+                             bidirectional=True)
+    causal = KeyframePredictor(net, EvalConfig(size=(96, 128)), DISFlow("fast"), interval=5, max_flow=2.0)
+    with both.eval_mode(), causal.eval_mode():
+        _, pb = both.step(frames, (96, 128), with_probs=True)
+        _, pc = causal.step(frames, (96, 128), with_probs=True)
+        _, rest = both.finish()
+    assert rest is not None and torch.allclose(torch.cat([pb, rest]), pc, atol=1e-5)
 
 
 def test_keyframe_output_reference_uses_the_reference_alone_on_key_frames() -> None:

@@ -23,9 +23,9 @@ def resize(x: Tensor, size: Sequence[int]) -> Tensor:
 def resize_channels_last(x: Tensor, size: Sequence[int]) -> Tensor:
     """:func:`resize` computed on a channels-last copy of a (B, C, h, w) score map; the result is
     channels-last, so :func:`class_argmax` and a softmax over classes then read contiguous memory.
-    The values equal :func:`resize`'s up to float rounding (a few ulp). On a 2-core EPYC, upsampling
-    11-class logits 60x80 -> 240x320 -> 360x480 and taking the argmax costs about a third of the
-    time the plain layout takes (benchmarks/argmax_speed.py)."""
+    The values equal :func:`resize`'s up to float rounding (a few ulp). Upsampling 11-class logits
+    60x80 -> 240x320 -> 360x480 and taking the argmax is about twice as fast this way on a 2-core
+    EPYC (benchmarks/argmax_speed.py prints both)."""
     return resize(x.contiguous(memory_format=torch.channels_last), size)
 
 

@@ -329,8 +329,8 @@ def evaluate(
     ``model``: one model run with ``cfg`` (including its TTA ``scales``/``flip``), or a
     ``VideoPredictor`` (ensemble, temporal model; ``cfg`` then only gives ``batch_size`` and
     ``vc``). Frames are read through ``semivss.data.clips.EvalFrames``; a temporal predictor also
-    steps through the other frames of each video up to its last evaluated frame
-    (``frames_until_last``), which are neither scored nor saved.
+    steps through the other frames of each video up to its last evaluated frame, and its
+    ``lookahead`` frames beyond it (``frames_until_last``), which are neither scored nor saved.
     Returns an :class:`EvalResult` with mIoU, fwIoU, pixel accuracy, per-class IoU, VC_n and, when
     ``offsets`` (frame -> signed offset from the nearest labeled frame) is given, the per-offset
     table of ``subset`` / ``model_name``. ``save_dir``: prediction PNGs
@@ -345,7 +345,8 @@ def evaluate(
 
     predictor = as_predictor(model, cfg)
     wanted = set(frames)
-    context = ([r for r in frames_until_last(videoset, wanted) if r not in wanted]
+    ahead = int(getattr(predictor, "lookahead", 0))  # frames a delaying predictor needs past the last one
+    context = ([r for r in frames_until_last(videoset, wanted, ahead) if r not in wanted]
                if predictor.temporal else [])
     ds = EvalFrames(videoset, list(frames), predictor.input_size, context=context)
     writer = None

@@ -124,7 +124,7 @@ class KeyframePredictor:
         self._prev: Tensor | None = None  # the last frame (for the next flow)
         self._since_key = 0
         self._pending: list[_Pending] = []  # bidirectional: frames since the last key frame
-        self._out: tuple[tuple[int, int], bool] | None = None  # (out_size, with_probs) of the pending frames
+        self._out: tuple[tuple[int, int], bool, torch.device] | None = None  # (out_size, with_probs, device) of the waiting frames
 
     @contextlib.contextmanager
     def eval_mode(self) -> Iterator[KeyframePredictor]:
@@ -146,31 +146,35 @@ class KeyframePredictor:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16)
 
-    def _keyframes(self, images: Tensor, dev: torch.device) -> tuple[list[bool], list[Tensor | None]]:
-        """Which frames of ``images`` are key frames, and the flow of each other frame from its
-        predecessor. Decided from the frames alone (flows, interval), so that the reference
-        network then runs on all key frames of the batch at once."""
+    def _keyframes(self, images: Tensor, dev: torch.device) -> tuple[list[bool], list[Tensor | None], list[bool]]:
+        """Which frames of ``images`` are key frames, the flow of each other frame from its
+        predecessor, and which key frames the adaptive thresholds made (the flow from the previous
+        frame failed them: a cut). Decided from the frames alone (flows, interval), so that the
+        reference network then runs on all key frames of the batch at once."""
         keys: list[bool] = []
+        cuts: list[bool] = []
         flows: list[Tensor | None] = []
         since = self._since_key
         prev = self._prev
         for j in range(images.shape[0]):
             x = images[j : j + 1]
             key = prev is None or since >= self.interval
+            cut = False
             flow = None
             if not key:
                 assert prev is not None
                 with self._timed("flow", dev):
                     flow = self.flow(x, prev)
                 if self.max_flow is not None and float(flow.norm(dim=1).mean()) > self.max_flow:
-                    key = True
+                    key = cut = True
                 elif self.max_invalid is not None and float(invalid_share(flow)) > self.max_invalid:
-                    key = True
+                    key = cut = True
             keys.append(key)
+            cuts.append(cut)
             flows.append(None if key else flow)
             since = 1 if key else since + 1
             prev = x
-        return keys, flows
+        return keys, flows, cuts
 
     def _ages(self, keys: list[bool]) -> list[int]:
         """Frames since the previous key frame (0 on a key frame), given the state before the batch."""
@@ -187,7 +191,7 @@ class KeyframePredictor:
         dev = images.device
         out_size = (int(out_size[0]), int(out_size[1]))
         with torch.inference_mode():
-            keys, flows = self._keyframes(images, dev)
+            keys, flows, cuts = self._keyframes(images, dev)
             ages = self._ages(keys)
             key_idx = [j for j, k in enumerate(keys) if k]
             ref: Tensor | None = None
@@ -235,11 +239,13 @@ class KeyframePredictor:
                         updates[j] = upd[i : i + 1]
             self.frames += images.shape[0]
             if not self.bidirectional:
-                return self._outputs(list(logits.split(1)), out_size, with_probs)
-            return self._bidirectional(images, prev_frame, keys, ages, key_idx, ref, logits, updates, out_size,
-                                       with_probs)
+                return self._outputs(list(logits.split(1)), out_size, with_probs, dev)
+            return self._bidirectional(images, prev_frame, keys, cuts, ages, key_idx, ref, logits, updates,
+                                       out_size, with_probs)
 
-    def _outputs(self, logits: list[Tensor], out_size: tuple[int, int], with_probs: bool) -> tuple[Tensor, Tensor | None]:
+    def _outputs(
+        self, logits: list[Tensor], out_size: tuple[int, int], with_probs: bool, device: torch.device
+    ) -> tuple[Tensor, Tensor | None]:
         """Labels (and probabilities) at ``out_size``, frame by frame (bounded temporaries)."""
         labels, probs = [], []
         for lg in logits:
@@ -249,36 +255,42 @@ class KeyframePredictor:
                 probs.append(torch.softmax(up, dim=1))
         if not labels:  # nothing to return yet (bidirectional: no key frame in this batch)
             c = self.net.num_classes
-            return (torch.zeros(0, *out_size, dtype=torch.long),
-                    torch.zeros(0, c, *out_size) if with_probs else None)
+            return (torch.zeros(0, *out_size, dtype=torch.long, device=device),
+                    torch.zeros(0, c, *out_size, device=device) if with_probs else None)
         return torch.cat(labels), (torch.cat(probs) if with_probs else None)
 
     def _bidirectional(
-        self, images: Tensor, prev_frame: Tensor | None, keys: list[bool], ages: list[int], key_idx: list[int],
-        ref: Tensor | None,
+        self, images: Tensor, prev_frame: Tensor | None, keys: list[bool], cuts: list[bool], ages: list[int],
+        key_idx: list[int], ref: Tensor | None,
         logits: Tensor, updates: list[Tensor | None], out_size: tuple[int, int], with_probs: bool,
     ) -> tuple[Tensor, Tensor | None]:
         """Queue the batch's non-key frames; at each key frame, resolve the queued ones with its
-        scores carried back along their forward flows, and return them with the key frame."""
+        scores carried back along their forward flows (not across a cut: a key frame the adaptive
+        thresholds made leaves them to the previous key frame), and return them with the key frame."""
         dev = images.device
-        if self._out is not None and self._out != (out_size, with_probs):
-            raise ConfigError("bidirectional key-frame inference needs one output size per video")
-        self._out = (out_size, with_probs)
+        if self._out is not None and self._out[:2] != (out_size, with_probs):
+            raise ConfigError("bidirectional key-frame inference needs one output size (and one with_probs "
+                              "setting) per video; frames of different sizes: predict them without --bidirectional")
+        self._out = (out_size, with_probs, dev)
         done: list[Tensor] = []
         for j, key in enumerate(keys):
             x = images[j : j + 1]
             before = images[j - 1 : j] if j > 0 else prev_frame
-            if self._pending and before is not None:  # forward flow of the frame before this one
+            if self._pending and before is not None and not cuts[j]:  # forward flow of the frame before
                 with self._timed("flow", dev):
                     self._pending[-1].ahead = self.flow(before, x)
-            if not key:
-                self._pending.append(_Pending(logits[j : j + 1], updates[j], ages[j]))
+            if not key:  # copies: a waiting frame does not keep its whole batch alive
+                upd = updates[j]
+                self._pending.append(_Pending(logits[j : j + 1].clone(), None if upd is None else upd.clone(), ages[j]))
                 continue
-            assert ref is not None
-            key_score = ref[key_idx.index(j) : key_idx.index(j) + 1]
-            done += self._resolve(key_score, dev)
+            if cuts[j]:
+                done += [p.logits for p in self._pending]
+                self._pending = []
+            else:
+                assert ref is not None
+                done += self._resolve(ref[key_idx.index(j) : key_idx.index(j) + 1], dev)
             done.append(logits[j : j + 1])
-        return self._outputs(done, out_size, with_probs)
+        return self._outputs(done, out_size, with_probs, dev)
 
     def _resolve(self, key_score: Tensor, dev: torch.device) -> list[Tensor]:
         """The queued frames blended with ``key_score`` carried back to each of them, oldest first."""
@@ -311,9 +323,15 @@ class KeyframePredictor:
         """The frames still waiting at the end of a video (bidirectional mode): predicted from the
         previous key frame alone. Empty otherwise."""
         pending, self._pending = self._pending, []
-        out_size, with_probs = self._out if self._out is not None else ((1, 1), False)
+        out_size, with_probs, dev = self._out if self._out is not None else ((1, 1), False, torch.device("cpu"))
         self._out = None
-        return self._outputs([p.logits for p in pending], out_size, with_probs)
+        return self._outputs([p.logits for p in pending], out_size, with_probs, dev)
+
+    @property
+    def lookahead(self) -> int:
+        """Frames past a wanted frame this predictor must see to answer it (``evaluate`` steps
+        that far beyond each video's last scored frame): up to the next key frame when bidirectional."""
+        return self.interval - 1 if self.bidirectional else 0
 
     def settings(self) -> dict[str, Any]:
         """The options it runs with (written into evaluate's metrics.json)."""

@@ -105,7 +105,8 @@ def _slide(model: nn.Module, x: Tensor, cfg: EvalConfig) -> Tensor:
         for x0, x1 in _grid(pw, ww, sw):
             logits = _forward(model, x[:, :, y0:y1, x0:x1], cfg.amp)
             if total is None:
-                total = torch.zeros(b, logits.shape[1], ph, pw, device=x.device)
+                total = torch.empty(b, logits.shape[1], ph, pw, device=x.device,
+                                    memory_format=torch.channels_last).zero_()  # the layout of the logits
             total[:, :, y0:y1, x0:x1] += logits
             count[:, :, y0:y1, x0:x1] += 1
     assert total is not None
@@ -274,8 +275,8 @@ class Predictor:
                     if flipped:
                         logits = logits.flip(-1)
                     if acc is None:
-                        acc = torch.zeros(logits.shape[0], logits.shape[1], *out_size,
-                                          dtype=torch.float32, device=logits.device)
+                        acc = torch.empty(logits.shape[0], logits.shape[1], *out_size, dtype=torch.float32,
+                                          device=logits.device, memory_format=torch.channels_last).zero_()
                     elif logits.shape[1] != acc.shape[1]:
                         raise ConfigError(
                             f"{m.name} predicts {logits.shape[1]} classes, the first model "

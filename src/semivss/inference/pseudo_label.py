@@ -384,7 +384,8 @@ def pseudo_label(
     device = torch.device(device)
     # (frame, write): a temporal predictor also steps through the earlier frames of its videos
     want = set(todo)
-    run = ([(r, r in want) for r in frames_until_last(videoset, todo)] if predictor.temporal
+    ahead = int(getattr(predictor, "lookahead", 0))  # frames a delaying predictor needs past the last one
+    run = ([(r, r in want) for r in frames_until_last(videoset, todo, ahead)] if predictor.temporal
            else [(r, True) for r in todo])
     ds = _FrameImages(videoset, [r for r, _ in run], size)
     loader: Any = (

@@ -86,6 +86,7 @@ class TemporalSmoothing:
         self.base = base
         self.momentum = float(momentum)
         self._state: Tensor | None = None
+        self._with_probs = False  # what the last step was asked for (finish answers the same way)
 
     @property
     def input_size(self) -> tuple[int, int] | None:
@@ -94,6 +95,11 @@ class TemporalSmoothing:
     def settings(self) -> dict[str, Any]:
         """Its momentum, with the settings of the predictor it smooths."""
         return {"smooth": self.momentum, **(video_settings(self.base) or {})}
+
+    @property
+    def lookahead(self) -> int:
+        """The base's (a delaying base answers frames later; smoothing adds no delay)."""
+        return int(getattr(self.base, "lookahead", 0))
 
     def reset(self) -> None:
         self._state = None
@@ -106,12 +112,13 @@ class TemporalSmoothing:
         self, images: Tensor, out_size: tuple[int, int], with_probs: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         _, probs = self.base.step(images, out_size, with_probs=True)
+        self._with_probs = with_probs
         return self._smooth(probs, with_probs)
 
     def finish(self) -> tuple[Tensor, Tensor | None]:
         """The base's frames still waiting at the end of a video, smoothed (a delaying base)."""
         _, probs = finish_video(self.base, with_probs=True)
-        return self._smooth(probs, True)
+        return self._smooth(probs, self._with_probs)
 
     def _smooth(self, probs: Tensor | None, with_probs: bool) -> tuple[Tensor, Tensor | None]:
         assert probs is not None
@@ -127,13 +134,19 @@ class TemporalSmoothing:
         return class_argmax(out), out if with_probs else None
 
 
-def frames_until_last(videoset: Any, frames: Iterable[Any]) -> list[Any]:
+def frames_until_last(videoset: Any, frames: Iterable[Any], beyond: int = 0) -> list[Any]:
     """What a temporal predictor must step through to predict ``frames``: every frame of each of
-    their videos, in order, from the video's first frame up to its last frame in ``frames``."""
+    their videos, in order, from the video's first frame up to its last frame in ``frames``, and
+    ``beyond`` more frames after it where the video has them (a predictor's ``lookahead``)."""
     last: dict[str, int] = {}
     for r in frames:
         last[r.video] = max(last.get(r.video, r.index), r.index)
-    return [f.ref for name, hi in last.items() for f in videoset.video(name).frames if f.index <= hi]
+    out = []
+    for name, hi in last.items():
+        frames_of = videoset.video(name).frames
+        upto = max(i for i, f in enumerate(frames_of) if f.index <= hi) + 1 + max(0, beyond)
+        out += [f.ref for f in frames_of[:upto]]
+    return out
 
 
 def run_videos(

@@ -60,8 +60,8 @@ class DISFlow:
     def __init__(self, preset: str = "fast", scale: float = 1.0) -> None:
         if preset not in DIS_PRESETS:
             raise ConfigError(f"unknown DIS preset {preset!r}; available: {', '.join(DIS_PRESETS)}")
-        if not 0.0 < scale <= 1.0:
-            raise ConfigError(f"DIS flow scale must be in (0, 1], got {scale:g}")
+        if not 0.1 <= scale <= 1.0:
+            raise ConfigError(f"DIS flow scale must be in [0.1, 1], got {scale:g}")
         self.preset = preset
         self.scale = float(scale)
         self.name = f"dis-{preset}" + (f"@{scale:g}" if scale != 1.0 else "")
@@ -169,10 +169,10 @@ def compose_flows(older: Tensor, flow: Tensor) -> Tensor:
 def build_flow(name: str) -> FlowEstimator:
     """A flow estimator by name: ``dis-ultrafast`` | ``dis-fast`` | ``dis-medium``, optionally
     with ``@SCALE`` (e.g. ``dis-fast@0.5``: DIS on frames shrunk by SCALE, see :class:`DISFlow`)."""
-    base, _, scale = name.partition("@")
+    base, at, scale = name.partition("@")
     if base.startswith("dis-") and base[4:] in DIS_PRESETS:
         try:
-            factor = float(scale) if scale else 1.0
+            factor = float(scale) if at else 1.0
         except ValueError:
             raise ConfigError(f"flow {name!r}: the scale after '@' must be a number, e.g. dis-fast@0.5") from None
         return DISFlow(base[4:], factor)
