@@ -213,6 +213,15 @@ def test_propagation_warps_the_key_scores_once_when_composed(propagation: str) -
     assert same(thrice) == (propagation == "chained")
 
 
+class Stripes(torch.nn.Module):
+    """Logits that vary fast along x (a sub-pixel misplacement changes them visibly)."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        phase = torch.arange(x.shape[-1], dtype=torch.float32) * 0.9
+        logits = torch.stack([4 * torch.sin(phase + c) for c in range(C)])[None, :, None, :]
+        return {"logits": logits.expand(x.shape[0], C, x.shape[-2], x.shape[-1])}
+
+
 class SequenceFlow:
     """A flow estimator returning preset flows in call order (one per non-key frame)."""
 
@@ -233,14 +242,6 @@ def test_composed_propagation_follows_the_flows_in_time_order() -> None:
     f2 = torch.zeros(1, 2, h, w)
     f2[:, 0] = 0.1 * xs  # 0 .. 4.7 pixels
 
-
-    class Stripes(torch.nn.Module):
-        """Logits that vary fast along x (a sub-pixel misplacement changes them visibly)."""
-
-        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-            phase = torch.arange(x.shape[-1], dtype=torch.float32) * 0.9
-            logits = torch.stack([4 * torch.sin(phase + c) for c in range(C)])[None, :, None, :]
-            return {"logits": logits.expand(x.shape[0], C, x.shape[-2], x.shape[-1])}
 
     net = AccelNet(Stripes(), None, C).eval()
     frames = torch.randn(3, 3, h, w)
@@ -438,12 +439,6 @@ def test_bidirectional_composes_the_forward_flows_in_time_order() -> None:
     g1, g2 = torch.zeros(1, 2, h, w), torch.zeros(1, 2, h, w)
     g1[:, 0] = 0.3 * xs
     g2[:, 0] = 1.0
-
-    class Stripes(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-            phase = torch.arange(x.shape[-1], dtype=torch.float32) * 0.9
-            logits = torch.stack([4 * torch.sin(phase + c) for c in range(C)])[None, :, None, :]
-            return {"logits": logits.expand(x.shape[0], C, x.shape[-2], x.shape[-1])}
 
     net = AccelNet(Stripes(), None, C).eval()
     # call order: backward flows of frames 1 and 2 (zero), then forward flows of frames 1 and 2
