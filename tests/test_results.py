@@ -187,6 +187,26 @@ def test_pseudo_quality_table_puts_rules_side_by_side() -> None:
         pseudo_quality_markdown([])
 
 
+def test_propagation_by_age_table_has_ages_then_intervals() -> None:
+    from semivss.results import propagation_by_age_markdown
+
+    rec = {"format": "camvid", "split": "val", "input_size": [240, 320], "precision": "bf16", "flow": "dis-fast",
+           "propagation": "composed", "warp_at": "input", "frames_by_age": 92, "frames_by_k": 101,
+           "machine": {"cpu": "CPU X"}, "commit": "abcdef1234",
+           "rows": [{"row": "reference + flow", "age": 0, "mIoU": 0.62, "VC8": 0.93, "iou": {"Pole": 0.09}},
+                    {"row": "Accel", "age": 0, "mIoU": 0.6, "VC8": 0.935, "iou": {"Pole": 0.06}},
+                    {"row": "reference + flow", "age": 1, "mIoU": 0.611, "VC8": 0.934, "iou": {"Pole": 0.055}},
+                    {"row": "reference + flow, causal", "K": 5, "mIoU": 0.5956, "VC8": 0.9444},
+                    {"row": "reference + flow, both sides", "K": 5, "mIoU": 0.6032, "VC8": 0.951}]}
+    lines = propagation_by_age_markdown(rec).splitlines()
+    assert lines[0] == ("| age (frames) | reference + flow: mIoU | reference + flow: VC8 | Accel: mIoU | Accel: VC8 "
+                        "| Pole IoU |")
+    assert lines[2] == "| 0 | 62.00 | 93.00 | 60.00 | 93.50 | 9.00 |"
+    assert lines[3] == "| 1 | 61.10 | 93.40 | - | - | 5.50 |"  # Accel not measured at that age
+    assert lines[7] == "| 5 | 59.56 | 94.44 | 60.32 | 95.10 |"
+    assert "92 frames scored by age, 101 by K" in lines[-1] and "abcdef12" in lines[-1]
+
+
 def test_offsets_table_side_by_side_with_the_train_gap() -> None:
     from semivss.results import offsets_markdown
 

@@ -274,6 +274,40 @@ def video_inference_markdown(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def propagation_by_age_markdown(record: dict[str, Any]) -> str:
+    """Markdown of a ``benchmarks/propagation_by_age.py`` record: mIoU and VC8 by the reference's
+    age (reference + flow, and Accel when the record has it, with the thin classes of reference +
+    flow), then per key-frame interval K the causal propagation against both sides of each key frame."""
+    rows = record["rows"]
+    aged = [r for r in rows if "age" in r]
+    kinds = list(dict.fromkeys(r["row"] for r in aged))
+    thin = list(next((r["iou"] for r in aged if r["row"] == kinds[0]), {}))
+    head = ["age (frames)"] + [f"{k}: {m}" for k in kinds for m in ("mIoU", "VC8")] + [f"{c} IoU" for c in thin]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for age in sorted({int(r["age"]) for r in aged}):
+        by = {r["row"]: r for r in aged if int(r["age"]) == age}
+        cells = [str(age)] + [_pct(by[k].get(m)) if k in by else "-" for k in kinds for m in ("mIoU", "VC8")]
+        first = by.get(kinds[0], {}).get("iou", {})
+        lines.append("| " + " | ".join(cells + [_pct(first.get(c)) for c in thin]) + " |")
+    keyed = [r for r in rows if "K" in r]
+    if keyed:
+        modes = list(dict.fromkeys(r["row"] for r in keyed))
+        head = ["K"] + [f"{m}: {v}" for m in modes for v in ("mIoU", "VC8")]
+        lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for k in sorted({int(r["K"]) for r in keyed}):
+            by = {r["row"]: r for r in keyed if int(r["K"]) == k}
+            lines.append("| " + " | ".join([str(k)] + [_pct(by[m].get(v)) if m in by else "-"
+                                                      for m in modes for v in ("mIoU", "VC8")]) + " |")
+    m = record.get("machine") or {}
+    lines.append("")
+    lines.append(f"{record.get('frames_by_age', '?')} frames scored by age, {record.get('frames_by_k', '?')} by K, "
+                 f"of {record['format']} {record['split']} at {record['input_size'][0]}x{record['input_size'][1]}, "
+                 f"{record['precision']}, flow {record['flow']} ({record['propagation']} propagation, warped on the "
+                 f"{'input' if record.get('warp_at') == 'input' else 'score map'} grid); "
+                 f"{m.get('cpu', '?')}, commit {str(record.get('commit') or '?')[:8]}.")
+    return "\n".join(lines)
+
+
 def step_cost_markdown(record: dict[str, Any]) -> str:
     """Markdown of a ``benchmarks/method_step_cost.py --record`` record: per config the images in
     the batch, median seconds per step and its ratio to the first row, and with ``--flops`` the
@@ -362,12 +396,15 @@ def _table_from_args(args: str) -> str:
     """The table a marker asks for: ``DIR [DIR ...] [--baseline ROW] [--no-per-class]``,
     ``--video-inference FILE`` (a video-inference benchmark record), ``--step-cost FILE`` (a
     method step-cost record), ``--pseudo-quality FILE ...`` (pseudo-label-quality records of one
-    set) or ``--offsets NAME=FILE ...`` (offset analyses side by side)."""
+    set), ``--propagation-by-age FILE`` (a propagation-by-age record) or ``--offsets NAME=FILE ...``
+    (offset analyses side by side)."""
     words = shlex.split(args)
     if words and words[0] == "--step-cost":
         return "\n\n".join(step_cost_markdown(json.loads(Path(w).read_text())) for w in words[1:])
     if words and words[0] == "--pseudo-quality":
         return pseudo_quality_markdown([json.loads(Path(w).read_text()) for w in words[1:]])
+    if words and words[0] == "--propagation-by-age":
+        return "\n\n".join(propagation_by_age_markdown(json.loads(Path(w).read_text())) for w in words[1:])
     if words and words[0] == "--video-inference":
         return "\n\n".join(video_inference_markdown(json.loads(Path(w).read_text())) for w in words[1:])
     if words and words[0] == "--offsets":  # --offsets NAME=FILE ...
