@@ -200,7 +200,7 @@ def test_propagation_by_age_table_has_ages_then_intervals() -> None:
                     {"row": "reference + flow, both sides", "K": 5, "mIoU": 0.6032, "VC8": 0.951}]}
     lines = propagation_by_age_markdown(rec).splitlines()
     assert lines[0] == ("| age (frames) | reference + flow: mIoU | reference + flow: VC8 | Accel: mIoU | Accel: VC8 "
-                        "| Pole IoU |")
+                        "| reference + flow: Pole |")
     assert lines[2] == "| 0 | 62.00 | 93.00 | 60.00 | 93.50 | 9.00 |"
     assert lines[3] == "| 1 | 61.10 | 93.40 | - | - | 5.50 |"  # Accel not measured at that age
     assert lines[7] == "| 5 | 59.56 | 94.44 | 60.32 | 95.10 |"

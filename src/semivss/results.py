@@ -282,7 +282,7 @@ def propagation_by_age_markdown(record: dict[str, Any]) -> str:
     aged = [r for r in rows if "age" in r]
     kinds = list(dict.fromkeys(r["row"] for r in aged))
     thin = list(next((r["iou"] for r in aged if r["row"] == kinds[0]), {}))
-    head = ["age (frames)"] + [f"{k}: {m}" for k in kinds for m in ("mIoU", "VC8")] + [f"{c} IoU" for c in thin]
+    head = ["age (frames)"] + [f"{k}: {m}" for k in kinds for m in ("mIoU", "VC8")] + [f"{kinds[0]}: {c}" for c in thin]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for age in sorted({int(r["age"]) for r in aged}):
         by = {r["row"]: r for r in aged if int(r["age"]) == age}
