@@ -212,6 +212,7 @@ class SignalAt(Supervised):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_writes_last_checkpoint_at_the_current_step_and_resumes_exactly(tmp_path: Path, sig) -> None:
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)  # SIG_IGN under nohup
     full = make_trainer(tmp_path / "full", iters=8)
     full.fit()
     part = tmp_path / "part"
@@ -219,7 +220,7 @@ def test_signal_writes_last_checkpoint_at_the_current_step_and_resumes_exactly(t
         make_trainer(part, SignalAt(2, sig), iters=8).fit()  # ckpt_interval 4: step 3 saved only by the stop
     assert str(part / "checkpoints" / "last.pt") in str(info.value)
     assert load_checkpoint(part / "checkpoints" / "last.pt")["step"] == 3
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # handlers restored
     make_trainer(part, iters=8).fit(resume=True)
     a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")["models"]["model"]
     b = load_checkpoint(part / "checkpoints" / "last.pt")["models"]["model"]
