@@ -187,6 +187,24 @@ def test_pseudo_quality_table_puts_rules_side_by_side() -> None:
         pseudo_quality_markdown([])
 
 
+def test_pseudo_sets_table_has_one_row_per_set() -> None:
+    from semivss.results import pseudo_sets_markdown
+
+    def part(miou: float, iou: list[float]) -> dict:
+        return {"mIoU": miou, "iou": iou}
+
+    a = {"frames": 3, "gamma": 0.5, "reliable_share": 0.8, "class_names": ["Road", "Pole"],
+         "all": part(0.5, [0.9, 0.1]), "reliable": part(0.6, [1.0, 0.25])}
+    b = {"frames": 3, "reliable_share": 0.812, "class_names": ["Road", "Pole"],
+         "reliable_rule": {"mode": "percentile", "keep": 0.8, "classwise": True},
+         "all": part(0.55, [0.9, 0.2]), "reliable": part(0.7, [0.95, 0.45])}
+    lines = pseudo_sets_markdown([("one model", a), ("ensemble", b)]).splitlines()
+    assert lines[2] == "| one model | entropy < 0.5 nats | 50.00 | 80.0 % | 60.00 | 25.00 | - | - | - |"
+    assert lines[3] == "| ensemble | lowest-entropy 80 % of each class | 55.00 | 81.2 % | 70.00 | 45.00 | - | - | - |"
+    with pytest.raises(SemivssError):
+        pseudo_sets_markdown([])
+
+
 def test_propagation_by_age_table_has_ages_then_intervals() -> None:
     from semivss.results import propagation_by_age_markdown
 

@@ -358,6 +358,27 @@ def pseudo_quality_markdown(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def pseudo_sets_markdown(named: list[tuple[str, dict[str, Any]]]) -> str:
+    """Markdown of pseudo-label-quality records of different sets (marker words ``NAME=FILE``),
+    one row each: mIoU of all pixels, the reliable share and mIoU under the record's rule, and
+    the reliable IoU of the thin classes."""
+    if not named:
+        raise SemivssError("no pseudo-label-quality records given")
+    thin = ("Pole", "SignSymbol", "Pedestrian", "Bicyclist")
+    head = ["pseudo-labels", "reliable rule", "all pixels: mIoU", "reliable share", "reliable: mIoU"]
+    head += [f"reliable: {c}" for c in thin]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in named:
+        names = r.get("class_names") or []
+        cells = [name, reliable_rule_text(r), _pct(r["all"]["mIoU"]), f"{100 * r['reliable_share']:.1f} %",
+                 _pct(r["reliable"]["mIoU"])]
+        cells += [_pct(r["reliable"]["iou"][names.index(c)]) if c in names else "-" for c in thin]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"{named[0][1]['frames']} frames with ground truth; IoU in %.")
+    return "\n".join(lines)
+
+
 def offsets_markdown(named: list[tuple[str, list[dict[str, Any]]]]) -> str:
     """Markdown of offset analyses (``offsets.json`` of ``evaluate --offsets``; marker words
     ``NAME=FILE``, split at the last ``=``) side by side: mIoU
@@ -396,13 +417,17 @@ def _table_from_args(args: str) -> str:
     """The table a marker asks for: ``DIR [DIR ...] [--baseline ROW] [--no-per-class]``,
     ``--video-inference FILE`` (a video-inference benchmark record), ``--step-cost FILE`` (a
     method step-cost record), ``--pseudo-quality FILE ...`` (pseudo-label-quality records of one
-    set), ``--propagation-by-age FILE`` (a propagation-by-age record) or ``--offsets NAME=FILE ...``
+    set), ``--pseudo-sets NAME=FILE ...`` (pseudo-label-quality records of different sets),
+    ``--propagation-by-age FILE`` (a propagation-by-age record) or ``--offsets NAME=FILE ...``
     (offset analyses side by side)."""
     words = shlex.split(args)
     if words and words[0] == "--step-cost":
         return "\n\n".join(step_cost_markdown(json.loads(Path(w).read_text())) for w in words[1:])
     if words and words[0] == "--pseudo-quality":
         return pseudo_quality_markdown([json.loads(Path(w).read_text()) for w in words[1:]])
+    if words and words[0] == "--pseudo-sets":  # --pseudo-sets NAME=FILE ...
+        return pseudo_sets_markdown([(w.rsplit("=", 1)[0], json.loads(Path(w.rsplit("=", 1)[1]).read_text()))
+                                     for w in words[1:]])
     if words and words[0] == "--propagation-by-age":
         return "\n\n".join(propagation_by_age_markdown(json.loads(Path(w).read_text())) for w in words[1:])
     if words and words[0] == "--video-inference":
