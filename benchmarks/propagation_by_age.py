@@ -33,21 +33,11 @@ from typing import Any
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("accel", type=Path, help="a trained Accel model (its reference, update branch and fusion)")
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--format", default="camvid")
-    p.add_argument("--split", default="val")
+    from video_inference import accel_parser  # the sibling benchmark (this directory is on sys.path)
+
+    p = accel_parser(__doc__)
     p.add_argument("--max-age", type=int, default=9, help="age rows 0..MAX_AGE frames")
     p.add_argument("--intervals", default="2,3,5,10", help="key-frame intervals K of the K rows")
-    p.add_argument("--flow", default=None, help="flow name (default: the model's), e.g. dis-fast, dis-medium")
-    p.add_argument("--propagation", default="chained", choices=["chained", "composed"])
-    p.add_argument("--warp-at", default="score", choices=["score", "input"])
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast on CPU / fp16 on CUDA (default: on for CPUs with native bf16)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", type=Path, default=None, help="write the figures as a JSON record")
     return p.parse_args(argv)
 
 

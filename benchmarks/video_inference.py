@@ -22,28 +22,36 @@ from pathlib import Path
 from typing import Any
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def accel_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options every Accel benchmark shares (what :func:`load_accel` reads, the flow and the
+    propagation, the record's path)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("accel", type=Path, help="a trained Accel model (semivss train ... method: accel)")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--format", default="camvid")
     p.add_argument("--split", default="val")
-    p.add_argument("--intervals", default="1,2,5,10", help="key-frame intervals K, comma-separated")
-    p.add_argument("--flow", default=None, help="dis-ultrafast | dis-fast | dis-medium (default: the model's)")
+    p.add_argument("--flow", default=None, help="dis-ultrafast | dis-fast | dis-medium, optionally @SCALE "
+                                                "(default: the model's)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast on CPU / fp16 on CUDA (default: on for CPUs with native bf16)")
     p.add_argument("--propagation", default="chained", choices=["chained", "composed"],
-                   help="key-frame rows: chained (Accel) or composed flows since the key frame")
+                   help="chained (Accel) or composed flows since the key frame")
     p.add_argument("--warp-at", default="score", choices=["score", "input"],
-                   help="key-frame rows: warp on the reference's output grid or at the input size")
+                   help="warp on the reference's output grid or at the input size")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, default=None, help="write the figures as a JSON record")
+    return p
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = accel_parser(__doc__)
+    p.add_argument("--intervals", default="1,2,5,10", help="key-frame intervals K, comma-separated")
     p.add_argument("--bidirectional", action="store_true",
                    help="key-frame rows: also carry the next key frame's scores back (offline; output delayed)")
     p.add_argument("--rows", default="per-frame,accel,flow",
                    help="row groups, comma-separated: per-frame (reference and update; the speed-ups need "
                         "the reference row), accel (Accel K), flow (reference + flow K)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", type=Path, default=None, help="write the figures as a JSON record")
     return p.parse_args(argv)
 
 

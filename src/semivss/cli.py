@@ -326,7 +326,7 @@ def evaluate_cmd(
         eval_offsets = labeled_offsets(videoset, rule) if rule else None
         video_predictor = _video_predictor(predictor, int(metas[0]["num_classes"]), smooth, keyframe_interval,
                                            flow, keyframe_max_flow, keyframe_max_invalid, propagation, warp_at,
-                              bidirectional)
+                                           bidirectional)
         result = evaluate(
             video_predictor, videoset, videoset.annotated(), ecfg, dev, offsets=eval_offsets,
             save_dir=stage / "preds" if save_preds else None,
@@ -410,7 +410,7 @@ def predict(
     palette = np.asarray(metas[0]["palette"], dtype=np.uint8)
     video_predictor = _video_predictor(predictor, int(metas[0]["num_classes"]), smooth, keyframe_interval,
                                        flow, keyframe_max_flow, keyframe_max_invalid, propagation, warp_at,
-                              bidirectional)
+                                       bidirectional)
     # Written into a temporary sibling folder that replaces OUT only when every frame succeeded.
     with _writing_into(out), staged_dir(out, overwrite) as stage:
         summary = predict_source(video_predictor, source, stage, palette, ecfg, dev, fps=fps, overwrite=True)

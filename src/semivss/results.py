@@ -248,6 +248,16 @@ def results_markdown(records: list[dict[str, Any]], baseline: str | None = None,
 _BLOCK = re.compile(r"(<!-- results: (?P<args>[^>]*?) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
 
 
+def _provenance(record: dict[str, Any]) -> str:
+    """``CPU, commit abcdef12`` of a benchmark record."""
+    return f"{(record.get('machine') or {}).get('cpu', '?')}, commit {str(record.get('commit') or '?')[:8]}"
+
+
+def _grid(record: dict[str, Any]) -> str:
+    """Where a key-frame record warped: the input grid or the score map's."""
+    return "input" if record.get("warp_at") == "input" else "score map"
+
+
 def video_inference_markdown(record: dict[str, Any]) -> str:
     """Markdown of a ``benchmarks/video_inference.py`` record: one row per predictor (frames/s,
     speed-up vs the per-frame reference, mIoU, fwIoU, VC8, VC16, key frames, seconds per stage)."""
@@ -262,15 +272,12 @@ def video_inference_markdown(record: dict[str, Any]) -> str:
             r["row"], f"{r['fps']:.2f}", ratio, _pct(r.get("mIoU")),
             _pct(r.get("fwIoU")), _pct(r.get("VC8")), _pct(r.get("VC16")),
             str(r.get("keyframes", r["frames"])), stages if st else "-"]) + " |")
-    m = record.get("machine") or {}
     lines.append("")
     lines.append(f"{record['frames']} frames of {record['format']} {record['split']} at "
                  f"{record['input_size'][0]}x{record['input_size'][1]}, {record['precision']}, flow "
                  f"{record['flow']} ({record.get('propagation', 'chained')} propagation"
                  f"{', both sides of each key frame' if record.get('bidirectional') else ''}, warped on the "
-                 f"{'input' if record.get('warp_at') == 'input' else 'score map'} grid), update branch at "
-                 f"x{record['update_scale']:g} input; "
-                 f"{m.get('cpu', '?')}, commit {str(record.get('commit') or '?')[:8]}.")
+                 f"{_grid(record)} grid), update branch at x{record['update_scale']:g} input; {_provenance(record)}.")
     return "\n".join(lines)
 
 
@@ -298,13 +305,11 @@ def propagation_by_age_markdown(record: dict[str, Any]) -> str:
             by = {r["row"]: r for r in keyed if int(r["K"]) == k}
             lines.append("| " + " | ".join([str(k)] + [_pct(by[m].get(v)) if m in by else "-"
                                                       for m in modes for v in ("mIoU", "VC8")]) + " |")
-    m = record.get("machine") or {}
     lines.append("")
     lines.append(f"{record.get('frames_by_age', '?')} frames scored by age, {record.get('frames_by_k', '?')} by K, "
                  f"of {record['format']} {record['split']} at {record['input_size'][0]}x{record['input_size'][1]}, "
                  f"{record['precision']}, flow {record['flow']} ({record['propagation']} propagation, warped on the "
-                 f"{'input' if record.get('warp_at') == 'input' else 'score map'} grid); "
-                 f"{m.get('cpu', '?')}, commit {str(record.get('commit') or '?')[:8]}.")
+                 f"{_grid(record)} grid); {_provenance(record)}.")
     return "\n".join(lines)
 
 
@@ -323,10 +328,9 @@ def step_cost_markdown(record: dict[str, Any]) -> str:
             cells += [f"{r['gflop_per_step']:.0f}", f"{r['flops_vs_first']:.2f}x",
                       f"{r['vs_first'] / r['flops_vs_first']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    m = record.get("machine") or {}
     lines.append("")
     lines.append(f"`{record['benchmark']}`: {record['precision']}, {record.get('threads', '?')} threads, "
-                 f"{m.get('cpu', '?')}, commit {str(record.get('commit') or '?')[:8]}; {record.get('notes', '')}.")
+                 f"{_provenance(record)}; {record.get('notes', '')}.")
     return "\n".join(lines)
 
 
@@ -413,6 +417,11 @@ def offsets_markdown(named: list[tuple[str, list[dict[str, Any]]]]) -> str:
     return "\n".join(lines)
 
 
+def _named_records(words: list[str]) -> list[tuple[str, Any]]:
+    """Marker words ``NAME=FILE`` (split at the last ``=``) as (name, the file's JSON)."""
+    return [(w.rsplit("=", 1)[0], json.loads(Path(w.rsplit("=", 1)[1]).read_text())) for w in words]
+
+
 def _table_from_args(args: str) -> str:
     """The table a marker asks for: ``DIR [DIR ...] [--baseline ROW] [--no-per-class]``,
     ``--video-inference FILE`` (a video-inference benchmark record), ``--step-cost FILE`` (a
@@ -426,15 +435,13 @@ def _table_from_args(args: str) -> str:
     if words and words[0] == "--pseudo-quality":
         return pseudo_quality_markdown([json.loads(Path(w).read_text()) for w in words[1:]])
     if words and words[0] == "--pseudo-sets":  # --pseudo-sets NAME=FILE ...
-        return pseudo_sets_markdown([(w.rsplit("=", 1)[0], json.loads(Path(w.rsplit("=", 1)[1]).read_text()))
-                                     for w in words[1:]])
+        return pseudo_sets_markdown(_named_records(words[1:]))
     if words and words[0] == "--propagation-by-age":
         return "\n\n".join(propagation_by_age_markdown(json.loads(Path(w).read_text())) for w in words[1:])
     if words and words[0] == "--video-inference":
         return "\n\n".join(video_inference_markdown(json.loads(Path(w).read_text())) for w in words[1:])
     if words and words[0] == "--offsets":  # --offsets NAME=FILE ...
-        return offsets_markdown([(w.rsplit("=", 1)[0], json.loads(Path(w.rsplit("=", 1)[1]).read_text()))
-                                 for w in words[1:]])
+        return offsets_markdown(_named_records(words[1:]))
     baseline, per_class, paths = None, True, []
     i = 0
     while i < len(words):

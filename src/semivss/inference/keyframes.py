@@ -6,7 +6,8 @@ on every frame.
 Key frames: the first frame of each video, then every ``interval`` frames; adaptively also when
 the flow's mean magnitude exceeds ``max_flow`` pixels or the share of warped pixels whose source
 lies outside the previous frame exceeds ``max_invalid``. ``timings`` accumulates the seconds spent
-in each stage (reference, flow, warp, update, fusion) for benchmarks.
+in each stage (reference, flow, warp, update, fusion; the both-sides blend counts as fusion) for
+benchmarks.
 
 Propagation: ``chained`` (Accel, Eq. (ACC-1)) warps the carried score map from frame to frame at
 the reference's output resolution; ``composed`` composes the flows since the key frame
@@ -146,13 +147,17 @@ class KeyframePredictor:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16)
 
-    def _keyframes(self, images: Tensor, dev: torch.device) -> tuple[list[bool], list[Tensor | None], list[bool]]:
+    def _keyframes(
+        self, images: Tensor, dev: torch.device
+    ) -> tuple[list[bool], list[Tensor | None], list[bool], list[int]]:
         """Which frames of ``images`` are key frames, the flow of each other frame from its
-        predecessor, and which key frames the adaptive thresholds made (the flow from the previous
-        frame failed them: a cut). Decided from the frames alone (flows, interval), so that the
-        reference network then runs on all key frames of the batch at once."""
+        predecessor, which key frames the adaptive thresholds made (the flow from the previous
+        frame failed them: a cut), and each frame's age (frames since its key frame, 0 on one).
+        Decided from the frames alone (flows, interval), so that the reference network then runs
+        on all key frames of the batch at once."""
         keys: list[bool] = []
         cuts: list[bool] = []
+        ages: list[int] = []
         flows: list[Tensor | None] = []
         since = self._since_key
         prev = self._prev
@@ -171,18 +176,11 @@ class KeyframePredictor:
                     key = cut = True
             keys.append(key)
             cuts.append(cut)
+            ages.append(0 if key else since)
             flows.append(None if key else flow)
             since = 1 if key else since + 1
             prev = x
-        return keys, flows, cuts
-
-    def _ages(self, keys: list[bool]) -> list[int]:
-        """Frames since the previous key frame (0 on a key frame), given the state before the batch."""
-        ages, age = [], self._since_key - 1
-        for key in keys:
-            age = 0 if key else age + 1
-            ages.append(age)
-        return ages
+        return keys, flows, cuts, ages
 
     def step(
         self, images: Tensor, out_size: tuple[int, int], with_probs: bool = False
@@ -191,8 +189,7 @@ class KeyframePredictor:
         dev = images.device
         out_size = (int(out_size[0]), int(out_size[1]))
         with torch.inference_mode():
-            keys, flows, cuts = self._keyframes(images, dev)
-            ages = self._ages(keys)
+            keys, flows, cuts, ages = self._keyframes(images, dev)
             key_idx = [j for j, k in enumerate(keys) if k]
             ref: Tensor | None = None
             if key_idx:
