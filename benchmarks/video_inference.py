@@ -49,6 +49,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--intervals", default="1,2,5,10", help="key-frame intervals K, comma-separated")
     p.add_argument("--bidirectional", action="store_true",
                    help="key-frame rows: also carry the next key frame's scores back (offline; output delayed)")
+    p.add_argument("--fuse-from-ages", default="0",
+                   help="Accel rows for each N, comma-separated: the update branch fused only from N frames "
+                        "after the key frame (docs/methods.md#14-accel, Eq. ACC-5; 0: every frame, Accel)")
     p.add_argument("--rows", default="per-frame,accel,flow",
                    help="row groups, comma-separated: per-frame (reference and update; the speed-ups need "
                         "the reference row), accel (Accel K), flow (reference + flow K)")
@@ -132,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     frames = videoset.annotated()
     flow_name = args.flow or net.flow
     intervals = [int(k) for k in args.intervals.split(",") if k.strip()]
+    fuse_ages = [int(a) for a in args.fuse_from_ages.split(",") if a.strip()] or [0]
 
     class UpdateOnly(nn.Module):
         """The update branch as a per-frame network (its logits at its own resolution)."""
@@ -152,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     warp_only = AccelNet(net.reference, None, net.num_classes, flow=flow_name)
     if "accel" in groups:
         for k in intervals:
-            rows.append((f"Accel K={k}", lambda k=k: KeyframePredictor(net, cfg, build_flow(flow_name), k, **prop)))
+            for age in fuse_ages:
+                rows.append((f"Accel K={k}" + (f", fused from age {age}" if age else ""),
+                             lambda k=k, age=age: KeyframePredictor(net, cfg, build_flow(flow_name), k,
+                                                                    fuse_from_age=age, **prop)))
     if "flow" in groups:
         for k in intervals:
             if k > 1:  # the reference warped along the flow, no update branch (what fusion adds to)
@@ -197,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             "format": args.format, "split": args.split, "frames": len(frames), "input_size": cfg.size,
             "precision": "bf16" if amp else "fp32", "device": str(dev), "flow": flow_name,
             "propagation": args.propagation, "warp_at": args.warp_at, "bidirectional": args.bidirectional,
-            "update_scale": net.update_scale, "commit": git_commit(Path.cwd()), "machine": info,
+            "fuse_from_ages": fuse_ages, "update_scale": net.update_scale, "commit": git_commit(Path.cwd()), "machine": info,
             "rows": results,
         }
         write_record(record, args.out, overwrite=True)

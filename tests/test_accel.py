@@ -429,6 +429,55 @@ def test_bidirectional_fuses_each_side_with_the_update_branch() -> None:
     assert probs.shape[0] == 3 and torch.allclose(probs[1], want[0], atol=1e-5)
 
 
+def test_age_aware_fusion_fuses_only_from_age_n() -> None:
+    """Zero flow, K = 4, fuse_from_age 2 (Eq. ACC-5): frames 0 (key) and 1 are the reference alone,
+    frames 2 and 3 the fusion of the carried reference with their own update; the update branch
+    runs on those two frames only."""
+    net = _accel()
+    frames = torch.randn(4, 3, 32, 48)
+    calls: list[int] = []
+    update_scores = net.update_scores
+    net.update_scores = lambda x, size: (calls.append(x.shape[0]), update_scores(x, size))[1]  # type: ignore[method-assign]
+    p = KeyframePredictor(net, EvalConfig(size=(32, 48)), ZeroFlow(), interval=4, fuse_from_age=2)
+    with p.eval_mode():
+        _, probs = p.step(frames, (40, 60), with_probs=True)
+    assert calls == [2] and p.settings()["fuse_from_age"] == 2
+    with torch.no_grad():
+        ref = net.reference_scores(frames[:1])
+        upd = update_scores(frames[2:], ref.shape[-2:])
+        want = [ref, ref, net.fuse(ref, upd[:1]), net.fuse(ref, upd[1:])]
+    for t, z in enumerate(want):
+        assert torch.allclose(probs[t], torch.softmax(resize(z, (40, 60)), 1)[0], atol=1e-5), t
+
+
+def test_age_aware_fusion_on_both_sides_fuses_the_side_that_is_far_enough() -> None:
+    """Zero flow, K = 3, both sides, fuse_from_age 2: frame 1 is 1 frame after key frame 0 (not fused)
+    and 2 before key frame 3 (fused): 2/3 softmax(ref_0) + 1/3 softmax(fuse(ref_3, upd_1));
+    frame 2 the other way round. Age 0 (the default) fuses both sides as before."""
+    net = _accel()
+    frames = torch.randn(4, 3, 32, 48)
+    p = KeyframePredictor(net, EvalConfig(size=(32, 48)), ZeroFlow(), interval=3, bidirectional=True,
+                          fuse_from_age=2)
+    with p.eval_mode():
+        _, probs = p.step(frames, (32, 48), with_probs=True)
+    with torch.no_grad():
+        ref = net.reference_scores(frames)
+        upd = net.update_scores(frames[1:3], ref.shape[-2:])
+        sm = lambda z: torch.softmax(z, 1)  # noqa: E731
+        f1 = 2 / 3 * sm(ref[0:1]) + 1 / 3 * sm(net.fuse(ref[3:4], upd[0:1]))
+        f2 = 1 / 3 * sm(net.fuse(ref[0:1], upd[1:2])) + 2 / 3 * sm(ref[3:4])
+        out = lambda p: sm(resize(p.log(), (32, 48)))[0]  # noqa: E731  blended on the score grid
+    assert torch.allclose(probs[1], out(f1), atol=1e-5) and torch.allclose(probs[2], out(f2), atol=1e-5)
+    assert torch.allclose(probs[0], out(sm(ref[0:1])), atol=1e-5)
+
+
+def test_fuse_from_age_needs_an_update_branch_and_a_non_negative_age() -> None:
+    from semivss.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="fuse_from_age"):
+        KeyframePredictor(_accel(), EvalConfig(size=(32, 48)), ZeroFlow(), interval=3, fuse_from_age=-1)
+
+
 def test_bidirectional_composes_the_forward_flows_in_time_order() -> None:
     """K = 3, frames 0..3: the next key frame's scores reach frame 1 through G_1(x) + G_2(x + G_1(x))
     (G_t: the flow of frame t towards t + 1); with G_2 = (1, 0) and G_1 varying along x that is
@@ -672,13 +721,14 @@ def test_keyframe_evaluate_and_predict_through_the_cli(trained, tmp_path: Path) 
     assert (written["split"], written["format"], written["checkpoint"]) == ("val", "synthetic", str(trained["sup"]))
     assert written["video"] == {"keyframe_interval": 3, "flow": "dis-ultrafast", "keyframe_max_flow": None,
                                 "keyframe_max_invalid": 0.5, "keyframe_output": "fuse", "propagation": "composed",
-                                "warp_at": "input", "bidirectional": False}
+                                "warp_at": "input", "bidirectional": False, "fuse_from_age": 0}
     # offline: both sides of each key frame, every annotated frame answered once
     out3 = tmp_path / "eval3"
     _invoke(["evaluate", trained["acc"], "--data", trained["data"], "--format", "synthetic", "--split", "val",
-             "--keyframe-interval", "4", "--bidirectional", "--out", out3])
+             "--keyframe-interval", "4", "--bidirectional", "--fuse-from-age", "2", "--out", out3])
     both = json.loads((out3 / "metrics.json").read_text())
     assert both["metrics"]["n_frames"] == 12 and both["video"]["bidirectional"] is True
+    assert both["video"]["fuse_from_age"] == 2
     accel_video = json.loads((out / "metrics.json").read_text())["video"]
     assert (accel_video["keyframe_interval"], accel_video["propagation"], accel_video["warp_at"]) == (4, "chained", "score")
     assert accel_video["smooth"] == 0.5  # the smoothing around the key-frame predictor is recorded too
@@ -690,6 +740,10 @@ def test_keyframe_evaluate_and_predict_through_the_cli(trained, tmp_path: Path) 
                               "--split", "val", "--keyframe-interval", "2", "--ensemble", str(trained["sup"]),
                               "--out", str(tmp_path / "bad")])
     assert bad.exit_code != 0 and "not an --ensemble" in str(bad.exception)
+    no_update = runner.invoke(app, ["evaluate", str(trained["sup"]), "--data", str(trained["data"]), "--format",
+                                    "synthetic", "--split", "val", "--keyframe-interval", "2", "--fuse-from-age", "2",
+                                    "--out", str(tmp_path / "no-update")])
+    assert no_update.exit_code != 0 and "--fuse-from-age" in str(no_update.exception)
 
 
 def _peak_rss_of_predict(acc: Path, frames: int, tmp: Path) -> int:

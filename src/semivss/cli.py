@@ -150,6 +150,8 @@ PROPAGATION_HELP = ("Key-frame inference: chained (default, Accel: warp the carr
                     "composed (compose the flows since the key frame, warp its scores once).")
 BIDIRECTIONAL_HELP = ("Key-frame inference, offline: also carry the next key frame's scores back to the frames "
                       "before it and average both sides by nearness (outputs lag by up to K - 1 frames).")
+FUSE_FROM_AGE_HELP = ("Accel models: fuse the update branch only on frames N or more frames after their key frame; "
+                      "younger frames take the carried reference scores alone (0: every frame, Accel).")
 WARP_AT_HELP = ("Key-frame inference: score (default, Accel: warp on the reference's output grid) | input "
                 "(upsample the key frame's scores to the input size, then warp; the fusion runs there too).")
 
@@ -165,6 +167,7 @@ def _video_predictor(
     propagation: Optional[str] = None,
     warp_at: Optional[str] = None,
     bidirectional: bool = False,
+    fuse_from_age: int = 0,
 ) -> Any:
     """The predictor stepped through each video: an Accel model (or, with ``--keyframe-interval``,
     a per-frame model) as a key-frame predictor, then optionally smoothed (``--smooth``)."""
@@ -179,6 +182,8 @@ def _video_predictor(
         from semivss.models.accel import AccelNet
         from semivss.models.flow import build_flow
 
+        if fuse_from_age and (not isinstance(model, AccelNet) or model.update is None):
+            raise SemivssError("--fuse-from-age needs an Accel model with an update branch")
         if not isinstance(model, AccelNet):  # a per-frame model: flow propagation of its scores
             if keyframe_interval is None:
                 raise SemivssError("--flow, --propagation, --warp-at, --bidirectional and --keyframe-max-* apply "
@@ -188,6 +193,7 @@ def _video_predictor(
             model, predictor.members[0].cfg, build_flow(flow or model.flow),
             keyframe_interval or model.keyframe_interval, max_flow=max_flow, max_invalid=max_invalid,
             propagation=propagation or "chained", warp_at=warp_at or "score", bidirectional=bidirectional,
+            fuse_from_age=fuse_from_age,
         )
     if not smooth:
         return predictor
@@ -300,6 +306,7 @@ def evaluate_cmd(
     propagation: Optional[str] = typer.Option(None, "--propagation", help=PROPAGATION_HELP),
     warp_at: Optional[str] = typer.Option(None, "--warp-at", help=WARP_AT_HELP),
     bidirectional: bool = typer.Option(False, "--bidirectional", help=BIDIRECTIONAL_HELP),
+    fuse_from_age: int = typer.Option(0, "--fuse-from-age", min=0, help=FUSE_FROM_AGE_HELP),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     overwrite: bool = typer.Option(False, help="Allow writing into a non-empty output folder."),
 ) -> None:
@@ -326,7 +333,7 @@ def evaluate_cmd(
         eval_offsets = labeled_offsets(videoset, rule) if rule else None
         video_predictor = _video_predictor(predictor, int(metas[0]["num_classes"]), smooth, keyframe_interval,
                                            flow, keyframe_max_flow, keyframe_max_invalid, propagation, warp_at,
-                                           bidirectional)
+                                           bidirectional, fuse_from_age)
         result = evaluate(
             video_predictor, videoset, videoset.annotated(), ecfg, dev, offsets=eval_offsets,
             save_dir=stage / "preds" if save_preds else None,
@@ -376,6 +383,7 @@ def predict(
     propagation: Optional[str] = typer.Option(None, "--propagation", help=PROPAGATION_HELP),
     warp_at: Optional[str] = typer.Option(None, "--warp-at", help=WARP_AT_HELP),
     bidirectional: bool = typer.Option(False, "--bidirectional", help=BIDIRECTIONAL_HELP),
+    fuse_from_age: int = typer.Option(0, "--fuse-from-age", min=0, help=FUSE_FROM_AGE_HELP),
     out_format: str = typer.Option("overlay", "--format",
                                    help="overlay: label PNGs, overlays, mp4 of one video | vspw-submission: SOURCE "
                                         "is a VSPW root, every frame of --split as <video>/<frame>.png class ids 0..123"),
@@ -402,7 +410,7 @@ def predict(
         videoset = _load_set("vspw", source, split, None, metas[0], checkpoint)
         vp = _video_predictor(predictor, int(metas[0]["num_classes"]), smooth, keyframe_interval,
                               flow, keyframe_max_flow, keyframe_max_invalid, propagation, warp_at,
-                              bidirectional)
+                              bidirectional, fuse_from_age)
         with _writing_into(out), staged_dir(out, overwrite) as stage:
             n = write_submission(vp, videoset, stage, ecfg, dev)
         console.print(f"{n} frames of {len(videoset.videos)} videos -> {out}/<video>/<frame>.png")
@@ -410,7 +418,7 @@ def predict(
     palette = np.asarray(metas[0]["palette"], dtype=np.uint8)
     video_predictor = _video_predictor(predictor, int(metas[0]["num_classes"]), smooth, keyframe_interval,
                                        flow, keyframe_max_flow, keyframe_max_invalid, propagation, warp_at,
-                                       bidirectional)
+                                       bidirectional, fuse_from_age)
     # Written into a temporary sibling folder that replaces OUT only when every frame succeeded.
     with _writing_into(out), staged_dir(out, overwrite) as stage:
         summary = predict_source(video_predictor, source, stage, palette, ecfg, dev, fps=fps, overwrite=True)

@@ -22,6 +22,14 @@ class-probability maps (each fused with the update branch) are averaged with wei
 temporal nearness. Frames are then returned when the next key frame arrives (``step`` returns
 the oldest frames not yet returned; :meth:`KeyframePredictor.finish` the rest at the end of a
 video, predicted from the previous key frame alone), so the output lags by up to K - 1 frames.
+
+``fuse_from_age`` = N > 0 (age-aware fusion, docs/methods.md#14-accel, Eq. ACC-5): a frame fewer
+than N frames from its key frame takes the carried reference scores alone (no update branch, no
+fusion); the fusion runs from age N on. Accel's fusion is trained on CamVid's one-second clips and
+corrects more than a short propagation needs (benchmarks/propagation_by_age.py). Key frames (age
+0) are then the reference alone. With ``bidirectional``, a frame's scores carried back from the
+next key frame are fused only when that key frame is N or more frames away and the frame has an
+update (computed when the frame is N or more frames from either key frame of a fixed interval).
 """
 
 from __future__ import annotations
@@ -84,6 +92,7 @@ class KeyframePredictor:
         propagation: str = "chained",
         warp_at: str = "score",
         bidirectional: bool = False,
+        fuse_from_age: int = 0,
     ) -> None:
         if interval < 1:
             raise ConfigError(f"--keyframe-interval must be >= 1, got {interval}")
@@ -96,6 +105,8 @@ class KeyframePredictor:
             raise ConfigError(f"propagation must be one of {', '.join(self.PROPAGATIONS)}, got {propagation!r}")
         if warp_at not in self.WARP_AT:
             raise ConfigError(f"warp_at must be one of {', '.join(self.WARP_AT)}, got {warp_at!r}")
+        if fuse_from_age < 0:
+            raise ConfigError(f"fuse_from_age must be >= 0, got {fuse_from_age}")
         for name, v in (("max_flow", max_flow), ("max_invalid", max_invalid)):
             if v is not None and v <= 0:
                 raise ConfigError(f"{name} must be > 0, got {v}")
@@ -109,6 +120,7 @@ class KeyframePredictor:
         self.propagation = propagation
         self.warp_at = warp_at
         self.bidirectional = bool(bidirectional)
+        self.fuse_from_age = int(fuse_from_age)
         self.timings: dict[str, float] = defaultdict(float)
         self.frames = 0
         self.keyframes = 0
@@ -225,13 +237,16 @@ class KeyframePredictor:
             logits = score
             updates: list[Tensor | None] = [None] * len(keys)
             if self.net.update is not None:
-                use = [j for j, k in enumerate(keys) if not (k and self.keyframe_output == "reference")]
+                use = [j for j, k in enumerate(keys) if self._needs_update(k, ages[j])]
                 if use:
                     with self._timed("update", dev), self._autocast(dev):
                         upd = self.net.update_scores(images[use], score.shape[-2:]).float()
-                    with self._timed("fusion", dev):
-                        logits = score.clone()
-                        logits[use] = self.net.fuse(score[use], upd).float()
+                    fused = [i for i, j in enumerate(use) if self._fuses(keys[j], ages[j])]
+                    if fused:
+                        with self._timed("fusion", dev):
+                            logits = score.clone()
+                            at = [use[i] for i in fused]
+                            logits[at] = self.net.fuse(score[at], upd[fused]).float()
                     for i, j in enumerate(use):
                         updates[j] = upd[i : i + 1]
             self.frames += images.shape[0]
@@ -239,6 +254,16 @@ class KeyframePredictor:
                 return self._outputs(list(logits.split(1)), out_size, with_probs, dev)
             return self._bidirectional(images, prev_frame, keys, cuts, ages, key_idx, ref, logits, updates,
                                        out_size, with_probs)
+
+    def _fuses(self, key: bool, age: int) -> bool:
+        """Whether a frame's carried reference scores are fused with its update (Eq. ACC-5)."""
+        return not (key and self.keyframe_output == "reference") and age >= self.fuse_from_age
+
+    def _needs_update(self, key: bool, age: int) -> bool:
+        """Whether the update branch runs on a frame: fused now, or (both sides, fixed interval)
+        far enough from the next key frame to be fused with its scores carried back."""
+        ahead = self.bidirectional and not key and self.interval - age >= self.fuse_from_age
+        return self._fuses(key, age) or ahead
 
     def _outputs(
         self, logits: list[Tensor], out_size: tuple[int, int], with_probs: bool, device: torch.device
@@ -309,7 +334,7 @@ class KeyframePredictor:
                     total = p.ahead if total is None else compose_flows(total, p.ahead)
                     carried, _ = warp(key_score, total)
             ahead = carried
-            if p.update is not None:
+            if p.update is not None and gap - p.age >= self.fuse_from_age:
                 with self._timed("fusion", dev):
                     ahead = self.net.fuse(carried, p.update).float()
             w = (gap - p.age) / gap  # weight of the previous key frame: the nearer, the more
@@ -337,7 +362,7 @@ class KeyframePredictor:
         return {"keyframe_interval": self.interval, "flow": getattr(self.flow, "name", type(self.flow).__name__),
                 "keyframe_max_flow": self.max_flow, "keyframe_max_invalid": self.max_invalid,
                 "keyframe_output": self.keyframe_output, "propagation": self.propagation, "warp_at": self.warp_at,
-                "bidirectional": self.bidirectional}
+                "bidirectional": self.bidirectional, "fuse_from_age": self.fuse_from_age}
 
     def summary(self) -> dict[str, float]:
         """Frames, key frames and seconds per stage so far."""
