@@ -136,6 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     flow_name = args.flow or net.flow
     intervals = [int(k) for k in args.intervals.split(",") if k.strip()]
     fuse_ages = [int(a) for a in args.fuse_from_ages.split(",") if a.strip()] or [0]
+    if "accel" in args.rows and any(a < 0 or (a and a >= k) for a in fuse_ages for k in intervals):
+        print(f"--fuse-from-ages: each N must be 0 or below every K ({args.intervals}), got {args.fuse_from_ages}",
+              file=sys.stderr)
+        return 2
+    if net.update is None and fuse_ages != [0]:
+        print("--fuse-from-ages needs an Accel model with an update branch", file=sys.stderr)
+        return 2
 
     class UpdateOnly(nn.Module):
         """The update branch as a per-frame network (its logits at its own resolution)."""

@@ -453,13 +453,17 @@ def test_age_aware_fusion_fuses_only_from_age_n() -> None:
 def test_age_aware_fusion_on_both_sides_fuses_the_side_that_is_far_enough() -> None:
     """Zero flow, K = 3, both sides, fuse_from_age 2: frame 1 is 1 frame after key frame 0 (not fused)
     and 2 before key frame 3 (fused): 2/3 softmax(ref_0) + 1/3 softmax(fuse(ref_3, upd_1));
-    frame 2 the other way round. Age 0 (the default) fuses both sides as before."""
+    frame 2 the other way round. The update branch runs on frames 1 and 2 only."""
     net = _accel()
     frames = torch.randn(4, 3, 32, 48)
+    calls: list[int] = []
+    update_scores = net.update_scores
+    net.update_scores = lambda x, size: (calls.append(x.shape[0]), update_scores(x, size))[1]  # type: ignore[method-assign]
     p = KeyframePredictor(net, EvalConfig(size=(32, 48)), ZeroFlow(), interval=3, bidirectional=True,
                           fuse_from_age=2)
     with p.eval_mode():
         _, probs = p.step(frames, (32, 48), with_probs=True)
+    assert calls == [2]
     with torch.no_grad():
         ref = net.reference_scores(frames)
         upd = net.update_scores(frames[1:3], ref.shape[-2:])
@@ -471,11 +475,13 @@ def test_age_aware_fusion_on_both_sides_fuses_the_side_that_is_far_enough() -> N
     assert torch.allclose(probs[0], out(sm(ref[0:1])), atol=1e-5)
 
 
-def test_fuse_from_age_needs_an_update_branch_and_a_non_negative_age() -> None:
+@pytest.mark.parametrize("age", [-1, 3, 4])
+def test_fuse_from_age_below_the_interval(age: int) -> None:
+    """A negative age, or one at or beyond K (no frame would ever be fused), is a config error."""
     from semivss.errors import ConfigError
 
     with pytest.raises(ConfigError, match="fuse_from_age"):
-        KeyframePredictor(_accel(), EvalConfig(size=(32, 48)), ZeroFlow(), interval=3, fuse_from_age=-1)
+        KeyframePredictor(_accel(), EvalConfig(size=(32, 48)), ZeroFlow(), interval=3, fuse_from_age=age)
 
 
 def test_bidirectional_composes_the_forward_flows_in_time_order() -> None:
@@ -741,9 +747,12 @@ def test_keyframe_evaluate_and_predict_through_the_cli(trained, tmp_path: Path) 
                               "--out", str(tmp_path / "bad")])
     assert bad.exit_code != 0 and "not an --ensemble" in str(bad.exception)
     no_update = runner.invoke(app, ["evaluate", str(trained["sup"]), "--data", str(trained["data"]), "--format",
-                                    "synthetic", "--split", "val", "--keyframe-interval", "2", "--fuse-from-age", "2",
+                                    "synthetic", "--split", "val", "--keyframe-interval", "3", "--fuse-from-age", "2",
                                     "--out", str(tmp_path / "no-update")])
     assert no_update.exit_code != 0 and "--fuse-from-age" in str(no_update.exception)
+    alone = runner.invoke(app, ["evaluate", str(trained["sup"]), "--data", str(trained["data"]), "--format",
+                                "synthetic", "--split", "val", "--fuse-from-age", "2", "--out", str(tmp_path / "y")])
+    assert alone.exit_code != 0 and "needs an Accel model" in str(alone.exception)  # not ignored
 
 
 def _peak_rss_of_predict(acc: Path, frames: int, tmp: Path) -> int:

@@ -531,8 +531,8 @@ def test_upsample_argmax_equals_the_argmax_of_the_full_upsampling(layout: torch.
             else:  # exact ties: both sides break them by float rounding (the kernel's vectorised
                 # arithmetic rounds differently), so a label may differ only where the top two tie
                 differ = got != class_argmax(full)
-                top2 = full.topk(2, dim=1).values
-                assert ((top2[:, 0] - top2[:, 1]).abs()[differ] < 1e-5).all()
+                best = full.max(1).values  # a differing label still scores the maximum, within rounding
+                assert ((best - full.gather(1, got[:, None])[:, 0]).abs() < 1e-5).all()
                 assert differ.float().mean() < 0.01
             checked += got.numel()
     assert checked > 1_000_000

@@ -173,7 +173,8 @@ def _video_predictor(
     a per-frame model) as a key-frame predictor, then optionally smoothed (``--smooth``)."""
     from semivss.inference.video_predictor import TemporalSmoothing
 
-    keyframe_opts = [keyframe_interval, flow, max_flow, max_invalid, propagation, warp_at, bidirectional or None]
+    keyframe_opts = [keyframe_interval, flow, max_flow, max_invalid, propagation, warp_at, bidirectional or None,
+                     fuse_from_age or None]
     model = predictor.members[0].model
     if hasattr(model, "as_video_predictor") or any(v is not None for v in keyframe_opts):
         if len(predictor.members) > 1:

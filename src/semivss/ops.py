@@ -67,12 +67,15 @@ def upsample_argmax(x: Tensor, size: Sequence[int]) -> Tensor:
     any other class (strictly higher than any class before c), and so does any combination with
     non-negative weights: the output's argmax is c. Only the pixels whose four sources disagree
     (near class boundaries, a few percent of a segmentation map) are interpolated, with the
-    weights of ``F.interpolate``; the others take the label of their nearest source. Labels equal
+    weights of ``F.interpolate``; the others take their sources' common label. Labels equal
     the full computation's except where two classes' interpolated scores tie to within float
-    rounding."""
+    rounding. Other dtypes than float32 (whose full upsampling rounds to that dtype) take the
+    full computation."""
+    if x.dim() != 4:
+        raise ValueError(f"upsample_argmax takes a (B, C, h, w) score map, got shape {tuple(x.shape)}")
     size = (int(size[0]), int(size[1]))
-    if x.dim() != 4 or tuple(x.shape[-2:]) == size:
-        return class_argmax(resize(x, size)) if x.dim() == 4 else x.argmax(1)
+    if x.dtype != torch.float32 or tuple(x.shape[-2:]) == size:
+        return class_argmax(resize(x, size))
     b, c, h, w = x.shape
     xl = x.permute(0, 2, 3, 1).contiguous()  # (B, h, w, C): a view when x is channels-last
     low = xl.argmax(-1)  # (B, h, w)

@@ -105,8 +105,9 @@ class KeyframePredictor:
             raise ConfigError(f"propagation must be one of {', '.join(self.PROPAGATIONS)}, got {propagation!r}")
         if warp_at not in self.WARP_AT:
             raise ConfigError(f"warp_at must be one of {', '.join(self.WARP_AT)}, got {warp_at!r}")
-        if fuse_from_age < 0:
-            raise ConfigError(f"fuse_from_age must be >= 0, got {fuse_from_age}")
+        if fuse_from_age < 0 or (fuse_from_age and fuse_from_age >= interval):
+            raise ConfigError(f"fuse_from_age must be 0 (every frame) or 1..{interval - 1} (below the key-frame "
+                              f"interval, else no frame is fused), got {fuse_from_age}")
         for name, v in (("max_flow", max_flow), ("max_invalid", max_invalid)):
             if v is not None and v <= 0:
                 raise ConfigError(f"{name} must be > 0, got {v}")

@@ -304,7 +304,8 @@ class Predictor:
             size = (int(out_size[0]), int(out_size[1]))
             with torch.inference_mode():
                 logits = input_logits(m.model, images, m.cfg, m.cfg.scales[0])
-                labels = upsample_argmax(logits, size)  # only boundary pixels are upsampled
+                labels = torch.cat([upsample_argmax(logits[j : j + 1], size)  # per frame: bounded temporaries
+                                    for j in range(logits.shape[0])])
             return labels, None
         probs, logits = self._accumulate(images, out_size)
         with torch.inference_mode():
