@@ -2,8 +2,7 @@
 strided class axis) against ``semivss.ops.class_argmax`` (the same result from a channels-last
 copy). Then the whole output stage of evaluation (logits of a stride-4 model, 60x80, upsampled to
 the 240x320 input, then to the 360x480 labels, then the argmax) in the plain layout against
-``semivss.ops.resize_channels_last``. Then labels alone: the full upsampling + argmax against
-``semivss.ops.upsample_argmax`` (only boundary pixels upsampled). Best of 5 rounds of 50 calls; run with OMP_NUM_THREADS=1
+``semivss.ops.resize_channels_last``. Best of 5 rounds of 50 calls; run with OMP_NUM_THREADS=1
 for the one-thread figure.
 
     python benchmarks/argmax_speed.py
@@ -15,7 +14,7 @@ import time
 
 import torch
 
-from semivss.ops import class_argmax, resize, resize_channels_last, upsample_argmax
+from semivss.ops import class_argmax, resize, resize_channels_last
 
 
 def _ms(f, n: int = 50) -> float:  # noqa: ANN001
@@ -46,18 +45,6 @@ def main() -> None:
     assert torch.equal(plain(), channels_last())
     print(f"output stage 60x80 -> 240x320 -> 360x480 + argmax: plain layout {_ms(plain):.2f} ms, "
           f"channels-last {_ms(channels_last):.2f} ms per frame")
-
-    # labels only: the last upsampling (input 240x320 -> labels 360x480) fused with the argmax
-    # (semivss.ops.upsample_argmax, docs/methods.md#fast-label-upsampling). Its cost depends on the
-    # share of boundary pixels, so it is timed on smooth random maps of three granularities.
-    for cells in ((30, 40), (15, 20), (6, 8)):
-        z = resize_channels_last(torch.randn(1, 11, *cells) * 5, (240, 320))
-        low = class_argmax(z)
-        boundary = (low[:, 1:, 1:] != low[:, :-1, 1:]) | (low[:, 1:, 1:] != low[:, 1:, :-1])
-        assert torch.equal(upsample_argmax(z, (360, 480)), class_argmax(resize(z, (360, 480))))
-        print(f"240x320 -> 360x480 labels, {cells[0]}x{cells[1]} random field ({100 * boundary.float().mean():.1f} % "
-              f"boundary pixels): full {_ms(lambda z=z: class_argmax(resize(z, (360, 480)))):.2f} ms, "
-              f"upsample_argmax {_ms(lambda z=z: upsample_argmax(z, (360, 480))):.2f} ms per frame")
 
 
 if __name__ == "__main__":

@@ -67,10 +67,10 @@ class Replay:
     def step(self, images: Any, out_size: tuple[int, int], with_probs: bool = False) -> tuple[Any, None]:
         import torch
 
-        from semivss.ops import upsample_argmax
+        from semivss.ops import class_argmax, resize_channels_last
 
         taken, self._queue = self._queue[: images.shape[0]], self._queue[images.shape[0]:]
-        return torch.cat([upsample_argmax(s, out_size) for s in taken]), None
+        return torch.cat([class_argmax(resize_channels_last(s, out_size)) for s in taken]), None
 
 
 def carry(score: Any, flows: list[Any], propagation: str) -> Any:

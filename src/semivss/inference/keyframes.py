@@ -49,7 +49,7 @@ from semivss.inference.config import EvalConfig
 from semivss.inference.predict import eval_mode
 from semivss.models.accel import AccelNet
 from semivss.models.flow import FlowEstimator, compose_flows, invalid_share, warp
-from semivss.ops import class_argmax, resize, resize_channels_last, upsample_argmax
+from semivss.ops import class_argmax, resize, resize_channels_last
 
 __all__ = ["KeyframePredictor"]
 
@@ -272,12 +272,10 @@ class KeyframePredictor:
         """Labels (and probabilities) at ``out_size``, frame by frame (bounded temporaries)."""
         labels, probs = [], []
         for lg in logits:
-            if not with_probs:  # labels alone: only boundary pixels are upsampled (ops.upsample_argmax)
-                labels.append(upsample_argmax(lg, out_size))
-                continue
             up = resize_channels_last(lg, out_size)
             labels.append(class_argmax(up))
-            probs.append(torch.softmax(up, dim=1))
+            if with_probs:
+                probs.append(torch.softmax(up, dim=1))
         if not labels:  # nothing to return yet (bidirectional: no key frame in this batch)
             c = self.net.num_classes
             return (torch.zeros(0, *out_size, dtype=torch.long, device=device),

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from semivss.errors import ConfigError
-from semivss.ops import class_argmax, resize, resize_channels_last, upsample_argmax
+from semivss.ops import class_argmax, resize, resize_channels_last
 
 if TYPE_CHECKING:
     from semivss.inference.video_predictor import VideoPredictor
@@ -304,7 +304,7 @@ class Predictor:
             size = (int(out_size[0]), int(out_size[1]))
             with torch.inference_mode():
                 logits = input_logits(m.model, images, m.cfg, m.cfg.scales[0])
-                labels = torch.cat([upsample_argmax(logits[j : j + 1], size)  # per frame: bounded temporaries
+                labels = torch.cat([class_argmax(upsample(logits[j : j + 1], size))
                                     for j in range(logits.shape[0])])
             return labels, None
         probs, logits = self._accumulate(images, out_size)
