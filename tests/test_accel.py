@@ -429,22 +429,28 @@ def test_bidirectional_fuses_each_side_with_the_update_branch() -> None:
     assert probs.shape[0] == 3 and torch.allclose(probs[1], want[0], atol=1e-5)
 
 
+def _count_update_calls(net: AccelNet) -> list[int]:
+    """Record the batch size of every call of ``net.update_scores`` (which frames ran the update branch)."""
+    calls: list[int] = []
+    update_scores = net.update_scores
+    net.update_scores = lambda x, size: (calls.append(x.shape[0]), update_scores(x, size))[1]  # type: ignore[method-assign]
+    return calls
+
+
 def test_age_aware_fusion_fuses_only_from_age_n() -> None:
     """Zero flow, K = 4, fuse_from_age 2 (Eq. ACC-5): frames 0 (key) and 1 are the reference alone,
     frames 2 and 3 the fusion of the carried reference with their own update; the update branch
     runs on those two frames only."""
     net = _accel()
     frames = torch.randn(4, 3, 32, 48)
-    calls: list[int] = []
-    update_scores = net.update_scores
-    net.update_scores = lambda x, size: (calls.append(x.shape[0]), update_scores(x, size))[1]  # type: ignore[method-assign]
+    calls = _count_update_calls(net)
     p = KeyframePredictor(net, EvalConfig(size=(32, 48)), ZeroFlow(), interval=4, fuse_from_age=2)
     with p.eval_mode():
         _, probs = p.step(frames, (40, 60), with_probs=True)
     assert calls == [2] and p.settings()["fuse_from_age"] == 2
     with torch.no_grad():
         ref = net.reference_scores(frames[:1])
-        upd = update_scores(frames[2:], ref.shape[-2:])
+        upd = net.update_scores(frames[2:], ref.shape[-2:])
         want = [ref, ref, net.fuse(ref, upd[:1]), net.fuse(ref, upd[1:])]
     for t, z in enumerate(want):
         assert torch.allclose(probs[t], torch.softmax(resize(z, (40, 60)), 1)[0], atol=1e-5), t
@@ -456,9 +462,7 @@ def test_age_aware_fusion_on_both_sides_fuses_the_side_that_is_far_enough() -> N
     frame 2 the other way round. The update branch runs on frames 1 and 2 only."""
     net = _accel()
     frames = torch.randn(4, 3, 32, 48)
-    calls: list[int] = []
-    update_scores = net.update_scores
-    net.update_scores = lambda x, size: (calls.append(x.shape[0]), update_scores(x, size))[1]  # type: ignore[method-assign]
+    calls = _count_update_calls(net)
     p = KeyframePredictor(net, EvalConfig(size=(32, 48)), ZeroFlow(), interval=3, bidirectional=True,
                           fuse_from_age=2)
     with p.eval_mode():

@@ -504,4 +504,3 @@ def test_class_argmax_equals_argmax_including_ties_and_layouts() -> None:
     tie = torch.zeros(1, 4, 1, 1)
     tie[0, 1] = tie[0, 3] = 1.0
     assert class_argmax(tie).item() == 1
-
