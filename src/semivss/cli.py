@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Iterator
 from typing import Any, Optional
@@ -156,45 +157,51 @@ WARP_AT_HELP = ("Key-frame inference: score (default, Accel: warp on the referen
                 "(upsample the key frame's scores to the input size, then warp; the fusion runs there too).")
 
 
-def _video_predictor(
-    predictor: Any,
-    num_classes: int,
-    smooth: float,
-    keyframe_interval: Optional[int] = None,
-    flow: Optional[str] = None,
-    max_flow: Optional[float] = None,
-    max_invalid: Optional[float] = None,
-    propagation: Optional[str] = None,
-    warp_at: Optional[str] = None,
-    bidirectional: bool = False,
-    fuse_from_age: int = 0,
-) -> Any:
+@dataclass(frozen=True)
+class KeyframeOptions:
+    """The key-frame options of ``evaluate`` and ``predict`` (docs/methods.md#14-accel), by name;
+    ``given()`` tells whether any was set on the command line."""
+
+    interval: Optional[int] = None
+    flow: Optional[str] = None
+    max_flow: Optional[float] = None
+    max_invalid: Optional[float] = None
+    propagation: Optional[str] = None
+    warp_at: Optional[str] = None
+    bidirectional: bool = False
+    fuse_from_age: int = 0
+
+    def given(self) -> bool:
+        return any(v is not None for v in (self.interval, self.flow, self.max_flow, self.max_invalid,
+                                            self.propagation, self.warp_at)) or self.bidirectional \
+            or self.fuse_from_age > 0
+
+
+def _video_predictor(predictor: Any, num_classes: int, smooth: float, kf: KeyframeOptions) -> Any:
     """The predictor stepped through each video: an Accel model (or, with ``--keyframe-interval``,
     a per-frame model) as a key-frame predictor, then optionally smoothed (``--smooth``)."""
     from semivss.inference.video_predictor import TemporalSmoothing
 
-    keyframe_opts = [keyframe_interval, flow, max_flow, max_invalid, propagation, warp_at, bidirectional or None,
-                     fuse_from_age or None]
     model = predictor.members[0].model
-    if hasattr(model, "as_video_predictor") or any(v is not None for v in keyframe_opts):
+    if hasattr(model, "as_video_predictor") or kf.given():
         if len(predictor.members) > 1:
             raise SemivssError("key-frame inference takes one model, not an --ensemble")
         from semivss.inference.keyframes import KeyframePredictor
         from semivss.models.accel import AccelNet
         from semivss.models.flow import build_flow
 
-        if fuse_from_age and (not isinstance(model, AccelNet) or model.update is None):
+        if kf.fuse_from_age and (not isinstance(model, AccelNet) or model.update is None):
             raise SemivssError("--fuse-from-age needs an Accel model with an update branch")
         if not isinstance(model, AccelNet):  # a per-frame model: flow propagation of its scores
-            if keyframe_interval is None:
+            if kf.interval is None:
                 raise SemivssError("--flow, --propagation, --warp-at, --bidirectional and --keyframe-max-* apply "
                                    "to key-frame inference: give --keyframe-interval K for a per-frame model")
-            model = AccelNet(model, None, num_classes, keyframe_interval=keyframe_interval)
+            model = AccelNet(model, None, num_classes, keyframe_interval=kf.interval)
         predictor = KeyframePredictor(
-            model, predictor.members[0].cfg, build_flow(flow or model.flow),
-            keyframe_interval or model.keyframe_interval, max_flow=max_flow, max_invalid=max_invalid,
-            propagation=propagation or "chained", warp_at=warp_at or "score", bidirectional=bidirectional,
-            fuse_from_age=fuse_from_age,
+            model, predictor.members[0].cfg, build_flow(kf.flow or model.flow),
+            kf.interval or model.keyframe_interval, max_flow=kf.max_flow, max_invalid=kf.max_invalid,
+            propagation=kf.propagation or "chained", warp_at=kf.warp_at or "score",
+            bidirectional=kf.bidirectional, fuse_from_age=kf.fuse_from_age,
         )
     if not smooth:
         return predictor
@@ -315,6 +322,9 @@ def evaluate_cmd(
     from semivss.experiment import labeled_offsets
     from semivss.inference.evaluate import evaluate
 
+    kf = KeyframeOptions(interval=keyframe_interval, flow=flow, max_flow=keyframe_max_flow,
+                         max_invalid=keyframe_max_invalid, propagation=propagation, warp_at=warp_at,
+                         bidirectional=bidirectional, fuse_from_age=fuse_from_age)
     dev = _device(device)
     predictor, metas = _load_predictor(checkpoint, ensemble, weights, scales, flip, dev, mode=mode,
                                        **({"size": _size(size)} if size is not None else {}))
@@ -332,9 +342,7 @@ def evaluate_cmd(
     with _writing_into(final), staged_dir(final, overwrite) as stage:
         # The evaluated split is scored once; its per-frame results also feed the offset analysis.
         eval_offsets = labeled_offsets(videoset, rule) if rule else None
-        video_predictor = _video_predictor(predictor, int(metas[0]["num_classes"]), smooth, keyframe_interval,
-                                           flow, keyframe_max_flow, keyframe_max_invalid, propagation, warp_at,
-                                           bidirectional, fuse_from_age)
+        video_predictor = _video_predictor(predictor, int(metas[0]["num_classes"]), smooth, kf)
         result = evaluate(
             video_predictor, videoset, videoset.annotated(), ecfg, dev, offsets=eval_offsets,
             save_dir=stage / "preds" if save_preds else None,
@@ -401,6 +409,9 @@ def predict(
 
     if out_format not in ("overlay", "vspw-submission"):
         raise SemivssError(f"--format must be overlay or vspw-submission, got {out_format!r}")
+    kf = KeyframeOptions(interval=keyframe_interval, flow=flow, max_flow=keyframe_max_flow,
+                         max_invalid=keyframe_max_invalid, propagation=propagation, warp_at=warp_at,
+                         bidirectional=bidirectional, fuse_from_age=fuse_from_age)
     dev = _device(device)
     predictor, metas = _load_predictor(checkpoint, ensemble, weights, scales, flip, dev, mode=mode,
                                        **({"size": _size(size)} if size is not None else {}))
@@ -409,17 +420,13 @@ def predict(
         from semivss.inference.score import write_submission
 
         videoset = _load_set("vspw", source, split, None, metas[0], checkpoint)
-        vp = _video_predictor(predictor, int(metas[0]["num_classes"]), smooth, keyframe_interval,
-                              flow, keyframe_max_flow, keyframe_max_invalid, propagation, warp_at,
-                              bidirectional, fuse_from_age)
+        vp = _video_predictor(predictor, int(metas[0]["num_classes"]), smooth, kf)
         with _writing_into(out), staged_dir(out, overwrite) as stage:
             n = write_submission(vp, videoset, stage, ecfg, dev)
         console.print(f"{n} frames of {len(videoset.videos)} videos -> {out}/<video>/<frame>.png")
         return
     palette = np.asarray(metas[0]["palette"], dtype=np.uint8)
-    video_predictor = _video_predictor(predictor, int(metas[0]["num_classes"]), smooth, keyframe_interval,
-                                       flow, keyframe_max_flow, keyframe_max_invalid, propagation, warp_at,
-                                       bidirectional, fuse_from_age)
+    video_predictor = _video_predictor(predictor, int(metas[0]["num_classes"]), smooth, kf)
     # Written into a temporary sibling folder that replaces OUT only when every frame succeeded.
     with _writing_into(out), staged_dir(out, overwrite) as stage:
         summary = predict_source(video_predictor, source, stage, palette, ecfg, dev, fps=fps, overwrite=True)
