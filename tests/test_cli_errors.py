@@ -261,6 +261,25 @@ def test_staged_dir_removes_the_leftovers_of_killed_runs_only(tmp_path) -> None:
     assert not (tmp_path / "out2").exists() and not list(tmp_path.glob("out2.*"))
 
 
+def test_staged_dir_syncs_before_it_publishes_and_fsyncs_the_parent_after(tmp_path, monkeypatch) -> None:
+    """The swap is durable: os.sync runs while only the staging folder holds the files, and the
+    parent folder is fsynced once the new folder has its final name."""
+    from semivss.inference import writers
+
+    calls: list[tuple[str, bool]] = []
+    out = tmp_path / "out"
+    monkeypatch.setattr(writers.os, "sync", lambda: calls.append(("sync", out.exists())))
+    monkeypatch.setattr(writers, "fsync_dir", lambda d: calls.append((f"fsync {d}", (out / "x.txt").exists())))
+    with writers.staged_dir(out) as stage:
+        (stage / "x.txt").write_text("new")
+        assert calls == []
+    assert calls == [("sync", False), (f"fsync {tmp_path}", True)]
+    calls.clear()
+    with pytest.raises(RuntimeError), writers.staged_dir(tmp_path / "out2") as stage:
+        raise RuntimeError("boom")
+    assert calls == []  # a failed block publishes nothing and syncs nothing
+
+
 def test_resume_refuses_changed_settings_and_applies_safe_ones(tiny, tmp_path, monkeypatch, capsys) -> None:
     import shutil
 

@@ -17,7 +17,8 @@ from semivss.errors import DataError
 CHECKPOINT_VERSION = 1
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """fsync a folder (its entries: renames and new files), ignoring file systems that refuse it."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -67,7 +68,7 @@ def atomic_write(path: str | Path, write: Any, durable: bool = True) -> None:
             exc.filename = str(path)  # name the file the user asked for (e.g. on a full disk)
         raise
     if durable:
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 def remove_stale_temps(folder: str | Path, name: str = "*") -> int:

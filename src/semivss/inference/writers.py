@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from semivss.engine.checkpoint import atomic_write
+from semivss.engine.checkpoint import fsync_dir, atomic_write
 from semivss.errors import DataError
 
 Palette = Any  # sequence of (r, g, b) per class, or a (C, 3) array
@@ -86,6 +86,9 @@ def staged_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     A non-empty ``path`` is refused unless ``overwrite``, which replaces its whole previous
     contents (the old folder is moved aside, the new one renamed in, then the old one deleted).
     An existing file at ``path`` is refused. Temporary folders of killed runs are removed first.
+    The files inside are written without per-file fsyncs (``atomic_write(durable=False)``); one
+    ``os.sync`` before the swap and a fsync of the parent after it make the swap durable, so a
+    power cut leaves the old folder or the complete new one.
     """
     p = Path(path)
     if p.exists() and not p.is_dir():
@@ -101,6 +104,8 @@ def staged_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if hasattr(os, "sync"):
+        os.sync()  # the staged files reach the disk before the rename publishes them
     if p.exists() and any(p.iterdir()):
         old = p.parent / f"{p.name}.old-{os.getpid()}"
         shutil.rmtree(old, ignore_errors=True)
@@ -111,6 +116,7 @@ def staged_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         if p.exists():
             p.rmdir()
         os.replace(staging, p)
+    fsync_dir(p.parent)
 
 
 def palette_lut(palette: Palette) -> np.ndarray:
