@@ -51,7 +51,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="key-frame rows: also carry the next key frame's scores back (offline; output delayed)")
     p.add_argument("--fuse-from-ages", default="0",
                    help="Accel rows for each N, comma-separated: the update branch fused only from N frames "
-                        "after the key frame (docs/methods.md#14-accel, Eq. ACC-5; 0: every frame, Accel)")
+                        "after the key frame (docs/methods.md#14-accel, Eq. ACC-5; 0: every frame, Accel); "
+                        "an N runs with the intervals K > N")
     p.add_argument("--rows", default="per-frame,accel,flow",
                    help="row groups, comma-separated: per-frame (reference and update; the speed-ups need "
                         "the reference row), accel (Accel K), flow (reference + flow K)")
@@ -152,13 +153,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--rows: choose from per-frame, accel, flow; got {args.rows!r}", file=sys.stderr)
         return 2
     build_flow(flow_name)  # a bad flow name fails here, before any row runs
-    if "accel" in groups:  # so does a fusion age the predictor refuses (one rule: KeyframePredictor's)
-        try:
-            for k in intervals:
-                for age in fuse_ages:
+    # The (K, N) pairs the predictor accepts (one rule: KeyframePredictor's); an age no K accepts
+    # fails here, before any row runs, and an age only some K accept runs with those K.
+    accel_rows: list[tuple[int, int]] = []
+    if "accel" in groups:
+        refused: dict[int, str] = {}
+        for k in intervals:
+            for age in fuse_ages:
+                try:
                     KeyframePredictor(net, cfg, build_flow(flow_name), k, fuse_from_age=age)
-        except ConfigError as e:
-            print(f"--fuse-from-ages: {e}", file=sys.stderr)
+                    accel_rows.append((k, age))
+                except ConfigError as e:
+                    refused[age] = str(e)
+        never = [age for age in fuse_ages if age in refused and all(a != age for _, a in accel_rows)]
+        if never:
+            print(f"--fuse-from-ages: {refused[never[0]]}", file=sys.stderr)
             return 2
     rows: list[tuple[str, Any]] = []
     if "per-frame" in groups:
@@ -166,12 +175,10 @@ def main(argv: list[str] | None = None) -> int:
                  (f"per-frame update (x{net.update_scale:g} input)", lambda: Predictor.single(UpdateOnly(), cfg))]
     prop = {"propagation": args.propagation, "warp_at": args.warp_at, "bidirectional": args.bidirectional}
     warp_only = AccelNet(net.reference, None, net.num_classes, flow=flow_name)
-    if "accel" in groups:
-        for k in intervals:
-            for age in fuse_ages:
-                rows.append((f"Accel K={k}" + (f", fused from age {age}" if age else ""),
-                             lambda k=k, age=age: KeyframePredictor(net, cfg, build_flow(flow_name), k,
-                                                                    fuse_from_age=age, **prop)))
+    for k, age in accel_rows:
+        rows.append((f"Accel K={k}" + (f", fused from age {age}" if age else ""),
+                     lambda k=k, age=age: KeyframePredictor(net, cfg, build_flow(flow_name), k,
+                                                            fuse_from_age=age, **prop)))
     if "flow" in groups:
         for k in intervals:
             if k > 1:  # the reference warped along the flow, no update branch (what fusion adds to)

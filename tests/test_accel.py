@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -712,6 +713,57 @@ def test_exported_accel_reloads_as_a_keyframe_predictor(trained) -> None:
     assert model.update_scale == 0.5 and model.keyframe_interval == 3
     pred = as_predictor(model, EvalConfig(size=(48, 64)))
     assert isinstance(pred, KeyframePredictor) and pred.interval == 3
+
+
+def _video_benchmark() -> Any:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "video_inference.py"
+    spec = importlib.util.spec_from_file_location("video_inference_benchmark", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_video_benchmark_rows_score_what_evaluate_scores(trained, tmp_path: Path, capsys) -> None:
+    """benchmarks/video_inference.py: every row group, fusion ages, the record; each row's mIoU is
+    the one `semivss evaluate` gives for the same predictor (the timing proxy changes nothing)."""
+    bench = _video_benchmark()
+    common = ["--data", str(trained["data"]), "--format", "synthetic", "--split", "val", "--no-amp",
+              "--flow", "dis-ultrafast"]
+    rec = tmp_path / "rec.json"
+    assert bench.main([str(trained["acc"]), *common, "--intervals", "1,3", "--fuse-from-ages", "0,2",
+                       "--out", str(rec)]) == 0
+    record = json.loads(rec.read_text())
+    rows = {r["row"]: r for r in record["rows"]}
+    assert list(rows) == ["per-frame reference", "per-frame update (x0.5 input)", "Accel K=1", "Accel K=3",
+                          "Accel K=3, fused from age 2", "reference + flow K=3"]
+    assert rows["per-frame reference"]["speedup_vs_reference"] == 1.0
+    assert all(r["frames"] == 12 and r["fps"] > 0 for r in rows.values())
+    assert rows["Accel K=3"]["keyframes"] == 4 and rows["Accel K=1"]["keyframes"] == 12
+    assert set(rows["Accel K=3"]["stage_seconds"]) >= {"reference", "update", "flow", "warp", "fusion"}
+    assert record["fuse_from_ages"] == [0, 2] and record["frames"] == 12 and record["precision"] == "fp32"
+
+    def evaluated(ckpt: Path, *opts: str) -> float:
+        out = tmp_path / f"eval-{len(list(tmp_path.iterdir()))}"
+        _invoke(["evaluate", ckpt, "--data", trained["data"], "--format", "synthetic", "--split", "val",
+                 "--flow", "dis-ultrafast", *opts, "--out", out])
+        return json.loads((out / "metrics.json").read_text())["metrics"]["mIoU"]
+
+    assert rows["Accel K=3"]["mIoU"] == pytest.approx(evaluated(trained["acc"], "--keyframe-interval", "3"), abs=1e-9)
+    assert rows["Accel K=3, fused from age 2"]["mIoU"] == pytest.approx(
+        evaluated(trained["acc"], "--keyframe-interval", "3", "--fuse-from-age", "2"), abs=1e-9)
+    assert rows["reference + flow K=3"]["mIoU"] == pytest.approx(
+        evaluated(trained["sup"], "--keyframe-interval", "3"), abs=1e-9)
+    # bad options stop before any row runs, with exit code 2 and the reason
+    capsys.readouterr()
+    assert bench.main([str(trained["acc"]), *common, "--intervals", "3", "--fuse-from-ages", "3"]) == 2
+    assert "--fuse-from-ages" in capsys.readouterr().err
+    assert bench.main([str(trained["acc"]), *common, "--rows", "per-frame,bogus"]) == 2
+    assert "--rows" in capsys.readouterr().err
+    assert bench.main([str(trained["sup"]), *common]) == 2
+    assert "not an Accel model" in capsys.readouterr().err
 
 
 def test_keyframe_evaluate_and_predict_through_the_cli(trained, tmp_path: Path) -> None:
