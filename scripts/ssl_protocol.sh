@@ -5,7 +5,8 @@
 # the method has one, are copies of it), each for ITERS more iterations with the same schedule.
 # Every row is evaluated on val (single scale, offsets) and written as a record under RESULTS.
 # Usage: scripts/ssl_protocol.sh RATIO [ROW ...]   RATIO: 8 | 16; ROW: control | u2pl | cps | cac |
-#        unimatch | ifr | recipe (default: control and every method with a config at that ratio).
+#        unimatch | ifr | recipe (default: control and every method with a config at that ratio), or
+#        the NAME of any configs/camvid-ssvs/NAME_1-RATIO.yaml variant (u2pl_rs8, unimatch_flexmatch).
 # The recipe row is the offline teacher-student recipe (docs/methods.md#7) warm-started the same way:
 # an OS8 teacher trained 300 iterations from the base, pseudo-labels of every unlabeled training
 # frame from the teacher + base ensemble with multi-scale + flip TTA, then the student (a copy of the
